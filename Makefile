@@ -1,0 +1,46 @@
+# Entry points. `make` builds; `make demo` and `make test` also install dependencies first.
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+JOBS       ?= $(shell nproc)
+CMAKE_GEN  := -G Ninja
+
+.PHONY: all deps build asan demo test test-fast test-asan bench format clean
+
+all: build
+
+deps:
+	@./scripts/install-deps.sh
+
+$(BUILD)/build.ninja:
+	@cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+
+$(ASAN_BUILD)/build.ninja:
+	@cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DQCOW2KIT_SANITIZE=ON >/dev/null
+
+build: $(BUILD)/build.ninja
+	@cmake --build $(BUILD) -j $(JOBS)
+
+asan: $(ASAN_BUILD)/build.ninja
+	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+
+# Builds, makes a sample image with qemu-img and shows what qcow2kit reads from it.
+demo: deps build
+	@./scripts/demo.sh $(BUILD)/qcow2kit
+
+# The whole suite, normally and under AddressSanitizer + UndefinedBehaviorSanitizer.
+test: deps build asan
+	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --test-dir $(ASAN_BUILD) -j $(JOBS) --output-on-failure
+
+test-fast: build
+	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
+
+bench: deps build
+	@./bench/run.sh $(BUILD)/qcow2kit
+
+format:
+	@clang-format -i $$(git ls-files '*.cc' '*.h')
+
+clean:
+	@rm -rf $(BUILD) $(ASAN_BUILD)

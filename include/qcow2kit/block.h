@@ -1,0 +1,53 @@
+// BlockDevice: the generic block layer over a chain of FormatDrivers. It turns mappings into
+// data I/O: reads (contiguous host runs merged into single I/Os, zeros filled in memory,
+// backing layers consulted for unallocated ranges, compressed clusters decoded) and block
+// status (allocation depth, zero / data, as qemu-img map reports it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qcow2kit/driver.h"
+#include "qcow2kit/status.h"
+#include "qcow2kit/task.h"
+
+namespace qcow2kit {
+
+// One run of `qemu-img map --output=json`.
+struct BlockStatusExtent {
+  uint64_t start = 0;
+  uint64_t length = 0;
+  uint32_t depth = 0;  // chain level that answered (0 = top)
+  bool present = false;
+  bool zero = false;
+  bool data = false;
+  bool compressed = false;
+  uint64_t offset = Extent::kNoHost;  // host offset, when there is one to report
+  const File* file = nullptr;         // the file `offset` refers to
+};
+
+class BlockDevice {
+ public:
+  explicit BlockDevice(std::unique_ptr<FormatDriver> top);
+  ~BlockDevice();
+
+  uint64_t size() const { return top_->size(); }
+  FormatDriver& top() const { return *top_; }
+
+  // Reads buf.size() bytes at `offset`; the range must lie inside the image.
+  Task<Status> Read(uint64_t offset, std::span<std::byte> buf);
+
+  // Appends block status runs for [offset, offset + length) (clipped to size()), adjacent runs
+  // with equal attributes merged. With `probe_host_holes`, data ranges that are holes in the
+  // host file report zero (as QEMU does).
+  Task<Status> BlockStatus(uint64_t offset, uint64_t length, std::vector<BlockStatusExtent>* out,
+                           bool probe_host_holes = true);
+
+ private:
+  std::unique_ptr<FormatDriver> top_;
+};
+
+}  // namespace qcow2kit

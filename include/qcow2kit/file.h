@@ -1,0 +1,76 @@
+// File: an open host file whose I/O goes through the current reactor's engine.
+//
+// Reads and writes are positional and complete fully: short transfers are continued and
+// EINTR/EAGAIN retried. With direct I/O (O_DIRECT), requests that are not aligned go through an
+// aligned bounce buffer (read-modify-write for writes), so callers may use any offset/length.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "qcow2kit/status.h"
+#include "qcow2kit/task.h"
+
+namespace qcow2kit {
+
+enum class CacheMode {
+  kWriteback,  // page cache
+  kNone,       // O_DIRECT
+};
+// Parses qemu-img's -t names: "none", "writeback" (also "directsync" -> none,
+// "writethrough"/"unsafe" -> writeback).
+Result<CacheMode> ParseCacheMode(const std::string& name);
+
+class File {
+ public:
+  ~File();
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  // Opens `path` read-only or read-write. With kNone, falls back to buffered I/O if the
+  // filesystem refuses O_DIRECT (tmpfs), as QEMU does not: we prefer working over failing.
+  static Result<std::unique_ptr<File>> Open(const std::string& path, bool writable,
+                                            CacheMode cache = CacheMode::kWriteback);
+  // Creates (or truncates) `path` for writing.
+  static Result<std::unique_ptr<File>> Create(const std::string& path,
+                                              CacheMode cache = CacheMode::kWriteback);
+  // Wraps an already open descriptor (takes ownership).
+  static std::unique_ptr<File> Adopt(std::string path, int fd, bool writable, bool direct);
+
+  const std::string& path() const { return path_; }
+  int fd() const { return fd_; }
+  bool writable() const { return writable_; }
+  bool direct() const { return direct_; }
+
+  // Reads up to buf.size() bytes at `offset`; fewer only at end of file. Returns bytes read.
+  Task<Result<size_t>> ReadAt(std::span<std::byte> buf, uint64_t offset);
+  // Reads exactly buf.size() bytes; reaching end of file first is an error naming the offset.
+  Task<Status> ReadExact(std::span<std::byte> buf, uint64_t offset);
+  // Reads buf.size() bytes, zero-filling whatever lies past end of file.
+  Task<Status> ReadZeroPadded(std::span<std::byte> buf, uint64_t offset);
+  Task<Status> WriteAt(std::span<const std::byte> buf, uint64_t offset);
+  Task<Status> Sync();  // fdatasync
+
+  // Current file length (fstat).
+  Result<uint64_t> Size() const;
+  // Bytes of disk the file occupies (st_blocks * 512), as qemu-img's "disk size".
+  Result<uint64_t> AllocatedBytes() const;
+  // SEEK_DATA/SEEK_HOLE probe: whether [offset, offset+len) starts in a hole, and how far that
+  // (hole or data) run goes, capped at `len`. Past EOF counts as a hole.
+  Result<std::pair<bool, uint64_t>> ProbeHole(uint64_t offset, uint64_t len) const;
+
+ private:
+  File(std::string path, int fd, bool writable, bool direct);
+  Task<Result<size_t>> Transfer(bool write, std::byte* buf, size_t len, uint64_t offset);
+  Task<Result<size_t>> BounceRead(std::span<std::byte> buf, uint64_t offset);
+  Task<Status> BounceWrite(std::span<const std::byte> buf, uint64_t offset);
+
+  std::string path_;
+  int fd_;
+  bool writable_;
+  bool direct_;
+};
+
+}  // namespace qcow2kit

@@ -1,0 +1,45 @@
+// The mapping interface: the seam between an image format and whoever does the data I/O.
+//
+// A format driver never reads or writes guest data itself. Fetch() answers where guest bytes
+// live as a list of extents; the block layer (or an export) then performs the data I/O against
+// the named file at the host offset. Compressed clusters are an extent kind that must be
+// decoded through the driver (ReadCompressed), never used as raw bytes.
+//
+// Mapping lifetime rule: an extent is valid until the next operation that changes mappings
+// (write, write-zeroes, discard, resize, snapshot apply). A host cluster freed by discard or
+// overwrite is not handed out again while I/O issued from an older mapping of it may still be
+// in flight; the write path enforces this by quarantining freed clusters until the requests
+// that were in flight when they were freed have completed.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+namespace qcow2kit {
+
+enum class ExtentKind : uint8_t {
+  kData,         // bytes at host_offset in the target file
+  kZero,         // reads as zeros (zero flag); host space may be reserved (has_host())
+  kUnallocated,  // not allocated in this layer: read the backing layer at the same guest
+                 // offset (zeros without one); host space may be reserved (extended L2)
+  kCompressed,   // a compressed cluster: decode through FormatDriver::ReadCompressed
+};
+
+const char* ExtentKindName(ExtentKind k);
+
+struct Extent {
+  static constexpr uint64_t kNoHost = std::numeric_limits<uint64_t>::max();
+
+  uint64_t guest_offset = 0;
+  uint64_t length = 0;
+  ExtentKind kind = ExtentKind::kUnallocated;
+  uint8_t file_index = 0;            // FormatDriver::file(i): 0 = image file, 1 = data file
+  bool writable = false;             // kData that may be overwritten in place (refcount 1)
+  uint64_t host_offset = kNoHost;    // of guest_offset; for kCompressed the stream start
+  uint64_t compressed_length = 0;    // kCompressed: upper bound of the stream's length
+
+  bool has_host() const { return host_offset != kNoHost; }
+  uint64_t end() const { return guest_offset + length; }
+};
+
+}  // namespace qcow2kit

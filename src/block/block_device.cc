@@ -1,0 +1,168 @@
+#include <algorithm>
+#include <cstring>
+
+#include "qcow2kit/block.h"
+
+namespace qcow2kit {
+namespace {
+
+// Reads [offset, offset + buf.size()) of `layer`; what lies past its end reads as zeros.
+Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte> buf) {
+  const uint64_t size = layer->size();
+  if (offset >= size) {
+    std::memset(buf.data(), 0, buf.size());
+    co_return Status::Ok();
+  }
+  if (buf.size() > size - offset) {
+    std::memset(buf.data() + (size - offset), 0, buf.size() - (size - offset));
+    buf = buf.first(size - offset);
+  }
+  std::vector<Extent> extents;
+  uint64_t pos = offset;
+  const uint64_t end = offset + buf.size();
+  while (pos < end) {
+    extents.clear();
+    QK_CO_RETURN_IF_ERROR(co_await layer->Fetch(pos, end - pos, &extents));
+    for (const Extent& e : extents) {
+      if (e.guest_offset >= end) break;
+      uint64_t n = std::min(e.end(), end) - e.guest_offset;
+      std::span<std::byte> part = buf.subspan(e.guest_offset - offset, n);
+      switch (e.kind) {
+        case ExtentKind::kData: {
+          Status s = co_await layer->file(e.file_index)->ReadZeroPadded(part, e.host_offset);
+          if (!s.ok()) co_return s;
+          break;
+        }
+        case ExtentKind::kZero:
+          std::memset(part.data(), 0, n);
+          break;
+        case ExtentKind::kUnallocated:
+          if (layer->backing()) {
+            QK_CO_RETURN_IF_ERROR(co_await ReadLayer(layer->backing(), e.guest_offset, part));
+          } else {
+            std::memset(part.data(), 0, n);
+          }
+          break;
+        case ExtentKind::kCompressed:
+          QK_CO_RETURN_IF_ERROR(co_await layer->ReadCompressed(e, e.guest_offset, part));
+          break;
+      }
+      pos = e.guest_offset + n;
+    }
+  }
+  co_return Status::Ok();
+}
+
+void Emit(std::vector<BlockStatusExtent>* out, const BlockStatusExtent& x) {
+  if (!out->empty()) {
+    BlockStatusExtent& c = out->back();
+    bool same = c.depth == x.depth && c.present == x.present && c.zero == x.zero &&
+                c.data == x.data && c.compressed == x.compressed &&
+                (c.offset == Extent::kNoHost) == (x.offset == Extent::kNoHost) &&
+                c.start + c.length == x.start;
+    if (same && (c.offset == Extent::kNoHost || c.offset + c.length == x.offset)) {
+      c.length += x.length;
+      return;
+    }
+  }
+  out->push_back(x);
+}
+
+Task<Status> StatusLayer(FormatDriver* layer, uint32_t depth, uint64_t offset, uint64_t length,
+                         std::vector<BlockStatusExtent>* out, bool probe_holes) {
+  std::vector<Extent> extents;
+  const uint64_t end = offset + length;
+  const auto holes =
+      probe_holes ? co_await layer->ProbeHostHoles() : FormatDriver::HostHoles::kIgnore;
+  uint64_t pos = offset;
+  while (pos < end) {
+    extents.clear();
+    QK_CO_RETURN_IF_ERROR(co_await layer->Fetch(pos, end - pos, &extents));
+    for (const Extent& e : extents) {
+      if (e.guest_offset >= end) break;
+      uint64_t n = std::min(e.end(), end) - e.guest_offset;
+      BlockStatusExtent x;
+      x.start = e.guest_offset;
+      x.length = n;
+      x.depth = depth;
+      x.offset = e.host_offset;
+      x.file = e.has_host() ? layer->file(e.file_index) : nullptr;
+      switch (e.kind) {
+        case ExtentKind::kData:
+          x.present = x.data = true;
+          if (holes != FormatDriver::HostHoles::kIgnore) {
+            // Split the run where the host file has holes: those read as zeros.
+            for (uint64_t done = 0; done < n;) {
+              auto probe = x.file->ProbeHole(e.host_offset + done, n - done);
+              if (!probe.ok()) co_return probe.status();
+              BlockStatusExtent part = x;
+              part.start = x.start + done;
+              part.length = probe->second;
+              part.offset = e.host_offset + done;
+              part.zero = probe->first;
+              part.data = !probe->first || holes == FormatDriver::HostHoles::kZeroData;
+              Emit(out, part);
+              done += probe->second;
+            }
+            pos = e.guest_offset + n;
+            continue;
+          }
+          break;
+        case ExtentKind::kZero:
+          x.present = x.zero = true;
+          break;
+        case ExtentKind::kCompressed:
+          x.present = x.data = x.compressed = true;
+          x.offset = Extent::kNoHost;
+          x.file = nullptr;
+          break;
+        case ExtentKind::kUnallocated: {
+          FormatDriver* backing = layer->backing();
+          uint64_t below = backing ? std::min(n, backing->size() > x.start
+                                                     ? backing->size() - x.start
+                                                     : uint64_t{0})
+                                   : 0;
+          if (below > 0) {
+            QK_CO_RETURN_IF_ERROR(
+                co_await StatusLayer(backing, depth + 1, x.start, below, out, probe_holes));
+          }
+          if (below < n) {
+            // No backing data here: zeros, not allocated anywhere in the chain.
+            x.start += below;
+            x.length = n - below;
+            if (x.offset != Extent::kNoHost) x.offset += below;
+            x.zero = true;
+            Emit(out, x);
+          }
+          pos = e.guest_offset + n;
+          continue;
+        }
+      }
+      Emit(out, x);
+      pos = e.guest_offset + n;
+    }
+  }
+  co_return Status::Ok();
+}
+
+}  // namespace
+
+BlockDevice::BlockDevice(std::unique_ptr<FormatDriver> top) : top_(std::move(top)) {}
+BlockDevice::~BlockDevice() = default;
+
+Task<Status> BlockDevice::Read(uint64_t offset, std::span<std::byte> buf) {
+  if (offset > size() || buf.size() > size() - offset) {
+    co_return Status::Invalid("read past the end of the image");
+  }
+  co_return co_await ReadLayer(top_.get(), offset, buf);
+}
+
+Task<Status> BlockDevice::BlockStatus(uint64_t offset, uint64_t length,
+                                      std::vector<BlockStatusExtent>* out,
+                                      bool probe_host_holes) {
+  if (offset >= size()) co_return Status::Ok();
+  length = std::min(length, size() - offset);
+  co_return co_await StatusLayer(top_.get(), 0, offset, length, out, probe_host_holes);
+}
+
+}  // namespace qcow2kit

@@ -1,0 +1,82 @@
+#include "image/metadata_cache.h"
+
+#include <algorithm>
+
+#include "fmt/format.h"
+#include "qcow2kit/reactor.h"
+
+namespace qcow2kit {
+
+struct MetadataCache::Loading {
+  std::vector<std::coroutine_handle<>> waiters;
+  bool done = false;
+};
+
+MetadataCache::MetadataCache(File* file, uint32_t slice_bytes, uint64_t capacity_bytes,
+                             const char* what)
+    : file_(file),
+      slice_bytes_(slice_bytes),
+      capacity_(std::max<uint64_t>(2, capacity_bytes / slice_bytes)),
+      what_(what) {}
+
+MetadataCache::~MetadataCache() = default;
+
+const uint8_t* MetadataCache::Peek(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it == map_.end()) return nullptr;
+  ++hits_;
+  if (it->second != lru_.begin()) lru_.splice(lru_.begin(), lru_, it->second);
+  return reinterpret_cast<const uint8_t*>(it->second->data.data());
+}
+
+Task<Result<const uint8_t*>> MetadataCache::Get(uint64_t offset) {
+  if (const uint8_t* p = Peek(offset)) co_return p;
+  co_return co_await Load(offset);
+}
+
+uint8_t* MetadataCache::Insert(uint64_t offset, AlignedBuffer data) {
+  while (map_.size() >= capacity_) {
+    map_.erase(lru_.back().offset);
+    lru_.pop_back();
+  }
+  lru_.push_front(Entry{offset, std::move(data)});
+  map_[offset] = lru_.begin();
+  return reinterpret_cast<uint8_t*>(lru_.front().data.data());
+}
+
+Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
+  if (auto it = loading_.find(offset); it != loading_.end()) {
+    // Someone is reading this slice already: wait for them, then look again.
+    Loading* l = it->second;
+    struct Wait {
+      Loading* l;
+      bool await_ready() const noexcept { return l->done; }
+      void await_suspend(std::coroutine_handle<> h) { l->waiters.push_back(h); }
+      void await_resume() const noexcept {}
+    };
+    co_await Wait{l};
+    // `l` is gone now. Normally the slice is cached; if the read failed, try it ourselves so
+    // that we report the error too.
+    co_return co_await Get(offset);
+  }
+  ++misses_;
+  Loading loading;
+  loading_[offset] = &loading;
+  AlignedBuffer buf(slice_bytes_);
+  auto r = co_await file_->ReadAt(buf.span(), offset);
+  Status status;
+  if (!r.ok()) {
+    status = r.status();
+  } else if (*r < slice_bytes_) {
+    status = Status::Corrupt(fmt::format("{} at offset {:#x} lies past the end of '{}'", what_,
+                                         offset, file_->path()));
+  }
+  uint8_t* data = status.ok() ? Insert(offset, std::move(buf)) : nullptr;
+  loading_.erase(offset);
+  loading.done = true;
+  for (auto h : loading.waiters) Reactor::Current()->Post(h);
+  if (!status.ok()) co_return status;
+  co_return data;
+}
+
+}  // namespace qcow2kit

@@ -1,0 +1,62 @@
+// MetadataCache: L2 tables and refcount blocks, cached in fixed-size slices with LRU eviction.
+//
+// A slice is `slice_bytes` (4 KiB by default, at most a cluster) of a table, keyed by its host
+// offset. Lookups that hit are plain hash-map probes with no system call. Concurrent misses on
+// the same slice share one read: later callers wait for the first one's result.
+#pragma once
+
+#include <coroutine>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "qcow2kit/buffer.h"
+#include "qcow2kit/file.h"
+#include "qcow2kit/status.h"
+#include "qcow2kit/task.h"
+
+namespace qcow2kit {
+
+class MetadataCache {
+ public:
+  // `capacity_bytes` is rounded down to whole slices, with a minimum of 2 slices.
+  MetadataCache(File* file, uint32_t slice_bytes, uint64_t capacity_bytes, const char* what);
+  ~MetadataCache();
+
+  uint32_t slice_bytes() const { return slice_bytes_; }
+  size_t capacity() const { return capacity_; }
+  size_t size() const { return map_.size(); }
+  uint64_t hits() const { return hits_; }
+  uint64_t misses() const { return misses_; }
+
+  // The slice at host offset `offset` (a multiple of slice_bytes). The returned pointer stays
+  // valid until the caller's next suspension point: use it, do not keep it.
+  Task<Result<const uint8_t*>> Get(uint64_t offset);
+  // A hit without suspending, or nullptr.
+  const uint8_t* Peek(uint64_t offset);
+
+ private:
+  struct Entry {
+    uint64_t offset;
+    AlignedBuffer data;
+  };
+  struct Loading;  // a read in progress and the coroutines waiting for it
+  using Lru = std::list<Entry>;
+
+  Task<Result<const uint8_t*>> Load(uint64_t offset);
+  uint8_t* Insert(uint64_t offset, AlignedBuffer data);
+
+  File* file_;
+  uint32_t slice_bytes_;
+  size_t capacity_;
+  const char* what_;
+  Lru lru_;  // most recently used first
+  std::unordered_map<uint64_t, Lru::iterator> map_;
+  std::unordered_map<uint64_t, Loading*> loading_;
+  uint64_t hits_ = 0;
+  uint64_t misses_ = 0;
+};
+
+}  // namespace qcow2kit

@@ -1,0 +1,29 @@
+// Helpers for tests that use QEMU's tools as the oracle: a scratch directory, running shell
+// commands, reading files.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qcow2kit::testing {
+
+// A fresh directory under /tmp, removed with its contents on destruction.
+class ScratchDir {
+ public:
+  ScratchDir();
+  ~ScratchDir();
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Runs `cmd` with /bin/sh; returns its exit status and stores stdout in `out` if given.
+int Run(const std::string& cmd, std::string* out = nullptr);
+// Runs `cmd` and fails the current test if it does not exit 0.
+void MustRun(const std::string& cmd);
+std::vector<uint8_t> ReadWholeFile(const std::string& path);
+
+}  // namespace qcow2kit::testing
