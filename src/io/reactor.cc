@@ -58,7 +58,7 @@ Result<std::unique_ptr<Reactor>> Reactor::Create(EngineKind kind, unsigned queue
 Reactor* Reactor::Current() { return current_reactor; }
 
 std::unique_ptr<Engine> Reactor::ReplaceEngine(std::unique_ptr<Engine> engine) {
-  while (engine_->in_flight() > 0) engine_->Poll(true);
+  while (engine_ && engine_->in_flight() > 0) engine_->Poll(true);
   std::swap(engine_, engine);
   return engine;
 }
