@@ -40,6 +40,24 @@ class BlockDevice {
   // Reads buf.size() bytes at `offset`; the range must lie inside the image.
   Task<Status> Read(uint64_t offset, std::span<std::byte> buf);
 
+  // Writes buf.size() bytes at `offset` (inside the image). Clusters owned only by this
+  // image are written in place; others are allocated with copy-on-write of what the write
+  // does not cover. With `fua` the write is durable when this returns.
+  Task<Status> Write(uint64_t offset, std::span<const std::byte> buf, bool fua = false);
+  // Makes [offset, offset + length) read as zeros. With `may_unmap`, whole clusters may be
+  // deallocated (zero flag without a host cluster) instead of keeping their space.
+  Task<Status> WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap, bool fua = false);
+  // Discards whole clusters in the range (partial ones are left alone), as QEMU does: v3
+  // images (and any image with a backing file) read zeros afterwards, v2 images without a
+  // backing file read zeros too (the cluster is deallocated).
+  Task<Status> Discard(uint64_t offset, uint64_t length);
+  // Everything written before is durable when this returns (metadata in dependency order,
+  // then the files synced).
+  Task<Status> Flush();
+  // Flushes and marks the image clean (lazy refcounts). Required before destruction of a
+  // writable device for a clean shutdown; a device dropped without it is like a crash.
+  Task<Status> Close();
+
   // Appends block status runs for [offset, offset + length) (clipped to size()), adjacent runs
   // with equal attributes merged. With `probe_host_holes`, data ranges that are holes in the
   // host file report zero (as QEMU does).

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -44,12 +45,66 @@ class FormatDriver {
   // there is no such file.
   virtual File* file(uint8_t index) const = 0;
 
+  // ---- Write side (only for images opened writable). ----
+  //
+  // An allocating write: hold the clusters (LockClusters), fetch the current mapping, reserve
+  // host clusters (Reserve), write the data with any copy-on-write head and tail, then
+  // Commit. In-place writes to writable data extents need none of this.
+
+  // Write granularity: updates cover whole granules (subclusters with extended L2);
+  // allocations cover whole clusters.
+  virtual uint64_t write_granule() const { return 512; }
+  virtual uint64_t cluster_size() const { return write_granule(); }
+  // Holds the granules covering [offset, offset + length) against other allocating writers
+  // until the returned guard is destroyed. Waits while another holder overlaps.
+  class RangeGuard;
+  virtual Task<std::unique_ptr<RangeGuard>> LockRange(uint64_t offset, uint64_t length);
+  // Contiguous host space for up to `length` bytes (whole clusters) of guest data at
+  // `guest_offset` (cluster aligned): returns the host offset, in file(*file_index), and in
+  // `*reserved` how many bytes it covers (at least one cluster). Not visible to readers
+  // until committed.
+  virtual Task<Result<uint64_t>> Reserve(uint64_t guest_offset, uint64_t length,
+                                         uint8_t* file_index, uint64_t* reserved);
+  // Applies mapping updates (see MappingUpdate). Clusters that lose their last reference are
+  // freed once the change is durable and no I/O issued under the old mapping is in flight.
+  virtual Task<Status> Commit(std::span<const MappingUpdate> updates);
+  // Makes everything committed so far durable: metadata written in dependency order, files
+  // synced.
+  virtual Task<Status> Flush();
+  // Flushes and marks the image clean. Call before destroying a writable image.
+  virtual Task<Status> Close() { co_return co_await Flush(); }
+
+  // Data I/O issued from a mapping is bracketed by these, so that freed host clusters are not
+  // reused while I/O from an older mapping of them may still be in flight.
+  uint64_t BeginIo() {
+    ++io_in_epoch_[epoch_];
+    return epoch_;
+  }
+  void EndIo(uint64_t epoch);
+
   // The backing layer, or nullptr.
   virtual FormatDriver* backing() const { return backing_.get(); }
   void set_backing(std::unique_ptr<FormatDriver> b) { backing_ = std::move(b); }
 
  protected:
+  // A mapping change that frees host space starts a new I/O epoch; it returns the epoch that
+  // I/Os under the old mapping belong to.
+  uint64_t NextEpoch() { return epoch_++; }
+  // Whether any I/O of epoch <= `epoch` may still be in flight.
+  bool IoInFlightUpTo(uint64_t epoch) const {
+    return !io_in_epoch_.empty() && io_in_epoch_.begin()->first <= epoch;
+  }
+
   std::unique_ptr<FormatDriver> backing_;
+
+ private:
+  uint64_t epoch_ = 0;
+  std::map<uint64_t, uint64_t> io_in_epoch_;  // epoch -> I/Os in flight
+};
+
+class FormatDriver::RangeGuard {
+ public:
+  virtual ~RangeGuard() = default;
 };
 
 }  // namespace qcow2kit

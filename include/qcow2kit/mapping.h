@@ -42,4 +42,21 @@ struct Extent {
   uint64_t end() const { return guest_offset + length; }
 };
 
+// A change of mapping, applied by FormatDriver::Commit after any data it exposes is written.
+// Ranges are aligned to the driver's write granularity (cluster, or subcluster with extended
+// L2), except at the end of the image.
+struct MappingUpdate {
+  enum class Kind : uint8_t {
+    kData,   // guest range -> host_offset (a reservation, or the cluster already mapped there)
+    kZero,   // reads as zeros from now on
+    kUnmap,  // deallocate: reads from the backing layer (or zeros) from now on
+    kDiscard,  // QEMU's guest discard: zero on v3 or with a backing file, else deallocate
+  };
+  uint64_t guest_offset = 0;
+  uint64_t length = 0;
+  Kind kind = Kind::kData;
+  uint64_t host_offset = Extent::kNoHost;  // kData
+  bool keep_host = false;  // kZero: keep the host cluster allocated (preallocated zero)
+};
+
 }  // namespace qcow2kit

@@ -2,9 +2,9 @@
 #include <cstring>
 
 #include "qcow2kit/block.h"
+#include "block/read_layer.h"
 
 namespace qcow2kit {
-namespace {
 
 // Reads [offset, offset + buf.size()) of `layer`; what lies past its end reads as zeros.
 Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte> buf) {
@@ -29,7 +29,10 @@ Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte
       std::span<std::byte> part = buf.subspan(e.guest_offset - offset, n);
       switch (e.kind) {
         case ExtentKind::kData: {
+          // The I/O epoch keeps the host cluster from being reused until this read is done.
+          uint64_t epoch = layer->BeginIo();
           Status s = co_await layer->file(e.file_index)->ReadZeroPadded(part, e.host_offset);
+          layer->EndIo(epoch);
           if (!s.ok()) co_return s;
           break;
         }
@@ -52,6 +55,8 @@ Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte
   }
   co_return Status::Ok();
 }
+
+namespace {
 
 void Emit(std::vector<BlockStatusExtent>* out, const BlockStatusExtent& x) {
   if (!out->empty()) {

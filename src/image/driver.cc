@@ -23,3 +23,31 @@ Task<Status> FormatDriver::ReadCompressed(const Extent&, uint64_t, std::span<std
 }
 
 }  // namespace qcow2kit
+
+namespace qcow2kit {
+
+void FormatDriver::EndIo(uint64_t epoch) {
+  auto it = io_in_epoch_.find(epoch);
+  if (it != io_in_epoch_.end() && --it->second == 0) io_in_epoch_.erase(it);
+}
+
+Task<std::unique_ptr<FormatDriver::RangeGuard>> FormatDriver::LockRange(uint64_t, uint64_t) {
+  co_return std::make_unique<RangeGuard>();
+}
+
+Task<Result<uint64_t>> FormatDriver::Reserve(uint64_t, uint64_t, uint8_t*, uint64_t*) {
+  co_return Status::Unsupported(std::string(format_name()) + ": allocation is not supported");
+}
+
+Task<Status> FormatDriver::Commit(std::span<const MappingUpdate>) {
+  co_return Status::Unsupported(std::string(format_name()) + ": mapping changes not supported");
+}
+
+Task<Status> FormatDriver::Flush() {
+  for (uint8_t i = 0; i < 2; ++i) {
+    if (File* f = file(i); f && f->writable()) QK_CO_RETURN_IF_ERROR(co_await f->Sync());
+  }
+  co_return Status::Ok();
+}
+
+}  // namespace qcow2kit

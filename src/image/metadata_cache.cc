@@ -35,9 +35,12 @@ Task<Result<const uint8_t*>> MetadataCache::Get(uint64_t offset) {
 }
 
 uint8_t* MetadataCache::Insert(uint64_t offset, AlignedBuffer data) {
-  while (map_.size() >= capacity_) {
-    map_.erase(lru_.back().offset);
-    lru_.pop_back();
+  // Evict clean slices from the cold end; dirty ones stay until written back.
+  for (auto it = lru_.end(); map_.size() >= capacity_ && it != lru_.begin();) {
+    --it;
+    if (it->dirty) continue;
+    map_.erase(it->offset);
+    it = lru_.erase(it);
   }
   lru_.push_front(Entry{offset, std::move(data)});
   map_[offset] = lru_.begin();
@@ -77,6 +80,53 @@ Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
   for (auto h : loading.waiters) Reactor::Current()->Post(h);
   if (!status.ok()) co_return status;
   co_return data;
+}
+
+Task<Result<uint8_t*>> MetadataCache::GetForUpdate(uint64_t offset) {
+  auto r = co_await Get(offset);
+  if (!r.ok()) co_return r.status();
+  Entry& e = *map_.at(offset);
+  if (!e.dirty) {
+    e.dirty = true;
+    ++dirty_;
+  }
+  co_return reinterpret_cast<uint8_t*>(e.data.data());
+}
+
+uint8_t* MetadataCache::CreateZeroed(uint64_t offset) {
+  Drop(offset);
+  uint8_t* p = Insert(offset, AlignedBuffer(slice_bytes_));
+  lru_.front().dirty = true;
+  ++dirty_;
+  return p;
+}
+
+void MetadataCache::Drop(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it == map_.end()) return;
+  if (it->second->dirty) --dirty_;
+  lru_.erase(it->second);
+  map_.erase(it);
+}
+
+Task<Status> MetadataCache::WriteBack() {
+  if (dirty_ == 0) co_return Status::Ok();
+  std::vector<Entry*> dirty;
+  for (Entry& e : lru_) {
+    if (e.dirty) dirty.push_back(&e);
+  }
+  std::sort(dirty.begin(), dirty.end(),
+            [](const Entry* a, const Entry* b) { return a->offset < b->offset; });
+  for (Entry* e : dirty) {
+    // Dirty entries are never evicted, so `e` stays valid across the write.
+    Status s = co_await file_->WriteAt(e->data.span(), e->offset);
+    if (!s.ok()) {
+      co_return s.WithContext(fmt::format("Could not write {} at offset {:#x}", what_, e->offset));
+    }
+    e->dirty = false;
+    --dirty_;
+  }
+  co_return Status::Ok();
 }
 
 }  // namespace qcow2kit

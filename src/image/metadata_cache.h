@@ -3,6 +3,9 @@
 // A slice is `slice_bytes` (4 KiB by default, at most a cluster) of a table, keyed by its host
 // offset. Lookups that hit are plain hash-map probes with no system call. Concurrent misses on
 // the same slice share one read: later callers wait for the first one's result.
+//
+// Updated slices are dirty until WriteBack(); dirty slices are never evicted (the cache may
+// exceed its capacity until the owner writes them back, in the order crash safety needs).
 #pragma once
 
 #include <coroutine>
@@ -37,10 +40,22 @@ class MetadataCache {
   // A hit without suspending, or nullptr.
   const uint8_t* Peek(uint64_t offset);
 
+  // The slice for modification: loaded if needed and marked dirty. Same validity rule as Get.
+  Task<Result<uint8_t*>> GetForUpdate(uint64_t offset);
+  // A new all-zero dirty slice at `offset` (for a freshly allocated table), replacing any
+  // cached copy without reading.
+  uint8_t* CreateZeroed(uint64_t offset);
+  // Drops the slice if cached (a freed table), dirty or not.
+  void Drop(uint64_t offset);
+  size_t dirty_count() const { return dirty_; }
+  // Writes every dirty slice, in offset order, and marks them clean.
+  Task<Status> WriteBack();
+
  private:
   struct Entry {
     uint64_t offset;
     AlignedBuffer data;
+    bool dirty = false;
   };
   struct Loading;  // a read in progress and the coroutines waiting for it
   using Lru = std::list<Entry>;
@@ -55,6 +70,7 @@ class MetadataCache {
   Lru lru_;  // most recently used first
   std::unordered_map<uint64_t, Lru::iterator> map_;
   std::unordered_map<uint64_t, Loading*> loading_;
+  size_t dirty_ = 0;
   uint64_t hits_ = 0;
   uint64_t misses_ = 0;
 };

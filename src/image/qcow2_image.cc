@@ -50,6 +50,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
   QK_CO_RETURN_IF_ERROR(co_await img->LoadTables(options));
   QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots());
   QK_CO_RETURN_IF_ERROR(co_await img->LoadBitmaps());
+  if (options.writable) QK_CO_RETURN_IF_ERROR(co_await img->PrepareForWriting());
   co_return std::move(img);
 }
 
@@ -356,6 +357,29 @@ Task<FormatDriver::HostHoles> Qcow2Image::ProbeHostHoles() {
     }
   }
   co_return metadata_preallocated_ == 1 ? HostHoles::kZeroData : HostHoles::kIgnore;
+}
+
+Task<Status> Qcow2Image::PrepareForWriting() {
+  format::Header& h = parsed_.header;
+  if (h.dirty()) {
+    co_return Status::Unsupported(
+        "Image is dirty (not cleanly closed with lazy refcounts); repairing it on a "
+        "read-write open is not supported yet: run 'qemu-img check -r all' first");
+  }
+  // Autoclear bits we do not maintain are cleared before the first write, as the spec asks.
+  // That includes "bitmaps": we do not update persistent bitmaps, so after our writes QEMU
+  // must treat them as inconsistent rather than trust them.
+  uint64_t autoclear = h.autoclear_features & format::kAutoclearDataFileRaw;
+  if (autoclear != h.autoclear_features) {
+    uint8_t b[8];
+    format::StoreBE64(b, autoclear);
+    QK_CO_RETURN_IF_ERROR(co_await WriteHeaderBytes(88, b));
+    QK_CO_RETURN_IF_ERROR(co_await SyncFiles());
+    h.autoclear_features = autoclear;
+    parsed_.bitmaps.reset();
+    bitmaps_.clear();
+  }
+  co_return Status::Ok();
 }
 
 }  // namespace qcow2kit

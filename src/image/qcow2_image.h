@@ -13,6 +13,9 @@
 #include "format/refcount.h"
 #include "format/snapshot.h"
 #include "image/metadata_cache.h"
+#include <set>
+
+#include "qcow2kit/async_mutex.h"
 #include "qcow2kit/buffer.h"
 #include "qcow2kit/driver.h"
 #include "qcow2kit/image.h"
@@ -48,6 +51,17 @@ class Qcow2Image final : public FormatDriver {
   const std::vector<format::BitmapInfo>& bitmaps() const { return bitmaps_; }
   const MetadataCache& l2_cache() const { return *l2_cache_; }
 
+  // ---- Write side (qcow2_alloc.cc, qcow2_commit.cc, qcow2_flush.cc) ----
+  uint64_t write_granule() const override { return geometry_.subcluster_size(); }
+  uint64_t cluster_size() const override { return geometry_.cluster_size(); }
+  Task<std::unique_ptr<RangeGuard>> LockRange(uint64_t offset, uint64_t length) override;
+  Task<Result<uint64_t>> Reserve(uint64_t guest_offset, uint64_t length, uint8_t* file_index,
+                                 uint64_t* reserved) override;
+  Task<Status> Commit(std::span<const MappingUpdate> updates) override;
+  Task<Status> Flush() override;
+  Task<Status> Close() override;
+  bool has_backing() const { return parsed_.backing_file.has_value(); }
+
   // One L2 table (all entries; for extended L2, entry/bitmap pairs interleaved), for
   // inspection tools. Goes through the L2 cache.
   Task<Result<std::vector<uint64_t>>> ReadL2Table(uint64_t table_offset);
@@ -62,11 +76,41 @@ class Qcow2Image final : public FormatDriver {
   Task<Status> LoadTables(const OpenOptions& options);
   Task<Status> LoadSnapshots();
   Task<Status> LoadBitmaps();
+  // Read-write open: refuses dirty images, clears autoclear bits we do not maintain.
+  Task<Status> PrepareForWriting();
   // Appends the extents of guest clusters described by one L2 slice, starting at `offset`,
   // until `end` or the end of the slice.
   Status DecodeSlice(const uint8_t* slice, uint64_t first_entry_guest, uint64_t offset,
                      uint64_t end, std::vector<Extent>* out) const;
   void Append(std::vector<Extent>* out, const Extent& e) const;
+
+  // -- allocation and refcounts (qcow2_alloc.cc); callers hold meta_lock_ --
+  // Up to `count` contiguous free host clusters (first fit), their refcounts set to 1.
+  // Returns the offset; `*got` is how many. Without `got`, exactly `count` or an error.
+  Task<Result<uint64_t>> AllocateClusters(uint64_t count, uint64_t* got = nullptr);
+  // Adds `delta` to the refcount of each host cluster in [offset, offset + length).
+  Task<Status> UpdateRefcounts(uint64_t offset, uint64_t length, int64_t delta);
+  // Makes sure refcount block `table_index` exists (growing the refcount table if needed).
+  Task<Status> EnsureRefblock(uint64_t table_index);
+  Task<Status> GrowRefcountTable(uint64_t min_entries);
+  // Queues the release of host clusters whose last reference a commit removed.
+  // `metadata`: a table, never mapped for data I/O, so the I/O epochs do not apply.
+  void ReleaseLater(uint64_t offset, uint64_t length, bool metadata);
+  // Drops the refcounts queued by ReleaseLater once the removal is durable and no I/O from
+  // the old mappings is in flight.
+  Task<Status> ApplyReleases();
+
+  // -- mapping updates (qcow2_commit.cc) --
+  // The L2 slice for guest `offset`, writable: allocates the L2 table, or copies it if it is
+  // shared with a snapshot.
+  Task<Result<uint8_t*>> L2SliceForUpdate(uint64_t offset);
+  Task<Status> CommitCluster(const MappingUpdate& u, uint64_t cluster_guest);
+
+  // -- writeback (qcow2_flush.cc) --
+  Task<Status> FlushLocked(bool write_refcounts);
+  Task<Status> WriteHeaderBytes(uint64_t offset, std::span<const uint8_t> bytes);
+  Task<Status> SetIncompatibleBit(uint64_t bit, bool on);
+  Task<Status> SyncFiles();
 
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_;
@@ -86,6 +130,22 @@ class Qcow2Image final : public FormatDriver {
   AlignedBuffer decompressed_;
   uint64_t decompressed_host_ = Extent::kNoHost;
   int metadata_preallocated_ = -1;  // unknown until ProbeHostHoles() first runs
+
+  // Write state. Metadata changes (allocation, commit, flush) happen under meta_lock_.
+  AsyncMutex meta_lock_;
+  std::set<uint64_t> dirty_l1_;        // L1 indices changed since the last flush
+  std::set<uint64_t> dirty_reftable_;  // refcount table indices changed since the last flush
+  uint64_t free_hint_ = 0;             // no free cluster below this index
+  struct Release {
+    uint64_t offset;
+    uint64_t length;
+    uint64_t epoch;        // I/O epoch of the mappings that still pointed there
+    bool durable = false;  // the removal of the reference is on disk
+    bool metadata = false;
+  };
+  std::vector<Release> releases_;
+  struct HeldRange;  // a LockRange() holder
+  std::vector<HeldRange*> held_ranges_;
 };
 
 }  // namespace qcow2kit

@@ -1,0 +1,189 @@
+// The write side of the block layer: in-place writes, allocating writes with copy-on-write,
+// write-zeroes, discard and flush, all expressed through the mapping interface.
+#include <algorithm>
+#include <cstring>
+
+#include "block/read_layer.h"
+#include "qcow2kit/block.h"
+#include "qcow2kit/buffer.h"
+
+namespace qcow2kit {
+namespace {
+
+uint64_t AlignDown(uint64_t v, uint64_t a) { return v / a * a; }
+uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+bool InPlace(const Extent& e) { return e.kind == ExtentKind::kData && e.writable; }
+
+// Writes zeros as data (where the format cannot record them as zero ranges).
+Task<Status> WriteZeroBytes(BlockDevice* dev, uint64_t offset, uint64_t length) {
+  static const AlignedBuffer kZeros(1 << 20);
+  while (length > 0) {
+    uint64_t n = std::min<uint64_t>(length, kZeros.size());
+    QK_CO_RETURN_IF_ERROR(co_await dev->Write(offset, kZeros.span().first(n)));
+    offset += n;
+    length -= n;
+  }
+  co_return Status::Ok();
+}
+
+// Allocating write of [pos, run_end) (which starts with a range that cannot be written in
+// place). Returns how far it got: less than run_end if, under the lock, the mapping turned
+// out to allow in-place writes after all.
+Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t run_end,
+                                       std::span<const std::byte> data) {
+  const uint64_t cs = d->cluster_size();
+  const uint64_t g = d->write_granule();
+  const uint64_t size = d->size();
+  auto guard = co_await d->LockRange(pos, run_end - pos);
+  // The mapping may have changed while we waited for the lock: look again.
+  const uint64_t cstart = AlignDown(pos, cs);
+  const uint64_t cend = std::min(AlignUp(run_end, cs), size);
+  std::vector<Extent> extents;
+  QK_CO_RETURN_IF_ERROR(co_await d->Fetch(cstart, cend - cstart, &extents));
+  bool keeps_host_data = false;  // a cluster of the run has data that must be copied whole
+  for (const Extent& e : extents) {
+    if (e.guest_offset >= cend) break;
+    if (e.end() > pos && e.guest_offset < run_end && InPlace(e)) {
+      if (e.guest_offset <= pos) co_return pos;  // writable now: let the caller write in place
+      run_end = e.guest_offset;                  // allocate only up to it
+    }
+  }
+  for (const Extent& e : extents) {
+    if (e.guest_offset >= AlignUp(run_end, cs)) break;
+    if (e.has_host() || e.kind == ExtentKind::kCompressed) keeps_host_data = true;
+  }
+  // What gets written: whole clusters, or with subclusters only the touched ones unless a
+  // cluster's existing data has to move to the new cluster.
+  const uint64_t unit = (g < cs && !keeps_host_data) ? g : cs;
+  const uint64_t lo = AlignDown(pos, unit);
+  uint64_t hi = std::min(AlignUp(run_end, unit), size);
+  uint8_t file_index = 0;
+  uint64_t reserved = 0;
+  QK_CO_ASSIGN_OR_RETURN(
+      uint64_t host, co_await d->Reserve(cstart, AlignUp(hi, cs) - cstart, &file_index, &reserved));
+  if (cstart + reserved < hi) {
+    // Only part of the run could be placed contiguously: write that part now.
+    hi = cstart + reserved;
+    run_end = std::min(run_end, hi);
+  }
+  const uint64_t host_lo = host + (lo - cstart);
+  std::span<const std::byte> payload = data.first(run_end - pos);
+  AlignedBuffer buffer;
+  if (lo < pos || hi > run_end) {
+    // Copy-on-write: the parts of the units the write does not cover come from the current
+    // mapping (backing file, zeros, compressed or shared data).
+    buffer.Resize(hi - lo);
+    QK_CO_RETURN_IF_ERROR(co_await ReadLayer(d, lo, buffer.span().first(pos - lo)));
+    std::memcpy(buffer.data() + (pos - lo), data.data(), run_end - pos);
+    QK_CO_RETURN_IF_ERROR(
+        co_await ReadLayer(d, run_end, buffer.span().subspan(run_end - lo, hi - run_end)));
+    payload = buffer.span();
+  }
+  QK_CO_RETURN_IF_ERROR(co_await d->file(file_index)->WriteAt(payload, host_lo));
+  MappingUpdate u;
+  u.guest_offset = lo;
+  u.length = hi - lo;
+  u.kind = MappingUpdate::Kind::kData;
+  u.host_offset = host_lo;
+  QK_CO_RETURN_IF_ERROR(co_await d->Commit(std::span(&u, 1)));
+  co_return run_end;
+}
+
+}  // namespace
+
+Task<Status> BlockDevice::Write(uint64_t offset, std::span<const std::byte> buf, bool fua) {
+  if (offset > size() || buf.size() > size() - offset) {
+    co_return Status::Invalid("write past the end of the image");
+  }
+  FormatDriver* d = top_.get();
+  const uint64_t end = offset + buf.size();
+  std::vector<Extent> extents;
+  uint64_t pos = offset;
+  while (pos < end) {
+    extents.clear();
+    QK_CO_RETURN_IF_ERROR(co_await d->Fetch(pos, end - pos, &extents));
+    size_t i = 0;
+    for (; i < extents.size() && pos < end && InPlace(extents[i]); ++i) {
+      const Extent& e = extents[i];
+      uint64_t n = std::min(e.end(), end) - pos;
+      uint64_t epoch = d->BeginIo();
+      Status s = co_await d->file(e.file_index)
+                     ->WriteAt(buf.subspan(pos - offset, n), e.host_offset + (pos - e.guest_offset));
+      d->EndIo(epoch);
+      if (!s.ok()) co_return s;
+      pos += n;
+    }
+    if (pos >= end || i == extents.size()) continue;
+    uint64_t run_end = pos;
+    for (; i < extents.size() && !InPlace(extents[i]) && run_end < end; ++i) {
+      run_end = std::min(extents[i].end(), end);
+    }
+    QK_CO_ASSIGN_OR_RETURN(
+        pos, co_await AllocatingWrite(d, pos, run_end, buf.subspan(pos - offset, run_end - pos)));
+  }
+  if (fua) QK_CO_RETURN_IF_ERROR(co_await Flush());
+  co_return Status::Ok();
+}
+
+Task<Status> BlockDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap,
+                                      bool fua) {
+  if (offset > size() || length > size() - offset) {
+    co_return Status::Invalid("write-zeroes past the end of the image");
+  }
+  FormatDriver* d = top_.get();
+  const uint64_t g = d->write_granule();
+  const uint64_t end = offset + length;
+  const uint64_t a = AlignUp(offset, g);
+  const uint64_t b = end == size() ? end : AlignDown(end, g);
+  bool recorded = false;
+  if (a < b) {
+    auto guard = co_await d->LockRange(a, b - a);
+    MappingUpdate u;
+    u.guest_offset = a;
+    u.length = b - a;
+    u.kind = MappingUpdate::Kind::kZero;
+    u.keep_host = !may_unmap;
+    Status s = co_await d->Commit(std::span(&u, 1));
+    if (s.ok()) {
+      recorded = true;
+    } else if (s.code() != ENOTSUP) {
+      co_return s;
+    }
+  }
+  if (recorded) {
+    // Partial granules at the edges are written as data.
+    if (offset < a) QK_CO_RETURN_IF_ERROR(co_await WriteZeroBytes(this, offset, a - offset));
+    if (b < end) QK_CO_RETURN_IF_ERROR(co_await WriteZeroBytes(this, b, end - b));
+  } else {
+    QK_CO_RETURN_IF_ERROR(co_await WriteZeroBytes(this, offset, length));
+  }
+  if (fua) QK_CO_RETURN_IF_ERROR(co_await Flush());
+  co_return Status::Ok();
+}
+
+Task<Status> BlockDevice::Discard(uint64_t offset, uint64_t length) {
+  if (offset > size() || length > size() - offset) {
+    co_return Status::Invalid("discard past the end of the image");
+  }
+  FormatDriver* d = top_.get();
+  const uint64_t cs = d->cluster_size();
+  const uint64_t end = offset + length;
+  const uint64_t a = AlignUp(offset, cs);
+  const uint64_t b = end == size() ? end : AlignDown(end, cs);
+  if (a >= b) co_return Status::Ok();  // discard is advisory: partial clusters stay
+  auto guard = co_await d->LockRange(a, b - a);
+  MappingUpdate u;
+  u.guest_offset = a;
+  u.length = b - a;
+  u.kind = MappingUpdate::Kind::kDiscard;
+  Status s = co_await d->Commit(std::span(&u, 1));
+  if (!s.ok() && s.code() != ENOTSUP) co_return s;
+  co_return Status::Ok();
+}
+
+Task<Status> BlockDevice::Flush() { co_return co_await top_->Flush(); }
+
+Task<Status> BlockDevice::Close() { co_return co_await top_->Close(); }
+
+}  // namespace qcow2kit
