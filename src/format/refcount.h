@@ -26,6 +26,7 @@ struct RefcountGeometry {
 };
 
 uint64_t GetRefcount(std::span<const uint8_t> block, uint64_t index, uint32_t refcount_order);
+// `value` must not exceed max_refcount(): the bits above the entry width are dropped.
 void SetRefcount(std::span<uint8_t> block, uint64_t index, uint32_t refcount_order,
                  uint64_t value);
 

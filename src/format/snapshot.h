@@ -39,6 +39,9 @@ Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed, uint32_t vers
 Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t version,
                                     uint32_t index, uint32_t cluster_bits);
 // Encodes one entry, padded to 8 bytes.
+// Like QEMU, writes at least 24 bytes of extra data: `extra_data` (resized to 24 if shorter)
+// with its first 24 bytes replaced by vm_state_size, disk_size (absent: 0, so set it -- QEMU
+// uses the current virtual size) and icount (absent: ~0). id and name must fit in 16 bits.
 std::vector<uint8_t> EncodeSnapshotEntry(const Snapshot& s);
 
 inline constexpr uint64_t kMaxBitmapDirectoryBytes = 64ull << 20;

@@ -1,0 +1,123 @@
+// Decompression of compressed clusters (reference §1.6): raw DEFLATE via libdeflate and bare
+// zstd frames via the zstd streaming API.
+
+#include "format/compression.h"
+
+#include <libdeflate.h>
+#include <zstd.h>
+
+#include <memory>
+#include <string>
+
+namespace qcow2kit::format {
+namespace {
+
+// A 2 MiB cluster never needs a larger window; the limit bounds what a hostile frame header
+// can make the decoder allocate (zstd's default allows 128 MiB).
+constexpr int kZstdWindowLogMax = 24;
+
+Status CorruptData(const std::string& why) {
+  return Status::Corrupt("compressed cluster data is corrupt (" + why + ")");
+}
+
+struct DeflateFree {
+  void operator()(libdeflate_decompressor* d) const { libdeflate_free_decompressor(d); }
+};
+struct ZstdFree {
+  void operator()(ZSTD_DCtx* d) const { ZSTD_freeDCtx(d); }
+};
+
+// One decoder per thread: allocation is not free, and decoders are not thread safe.
+libdeflate_decompressor* DeflateDecoder() {
+  thread_local std::unique_ptr<libdeflate_decompressor, DeflateFree> d(
+      libdeflate_alloc_decompressor());
+  return d.get();
+}
+
+ZSTD_DCtx* ZstdDecoder() {
+  thread_local std::unique_ptr<ZSTD_DCtx, ZstdFree> d([] {
+    ZSTD_DCtx* ctx = ZSTD_createDCtx();
+    if (ctx) ZSTD_DCtx_setParameter(ctx, ZSTD_d_windowLogMax, kZstdWindowLogMax);
+    return ctx;
+  }());
+  return d.get();
+}
+
+Status InflateRaw(std::span<const uint8_t> in, std::span<uint8_t> out) {
+  libdeflate_decompressor* d = DeflateDecoder();
+  if (d == nullptr) return Status::Error(ENOMEM, "cannot allocate a deflate decompressor");
+  size_t in_used = 0;
+  size_t produced = 0;
+  // Passing `in_used` lets the stream end before the input does: the read bound of a
+  // compressed cluster may include bytes of the next stream.
+  const libdeflate_result r = libdeflate_deflate_decompress_ex(d, in.data(), in.size(), out.data(),
+                                                               out.size(), &in_used, &produced);
+  switch (r) {
+    case LIBDEFLATE_SUCCESS:
+      if (produced != out.size()) {
+        return CorruptData("deflate stream ends after " + std::to_string(produced) + " of " +
+                           std::to_string(out.size()) + " bytes");
+      }
+      return Status::Ok();
+    case LIBDEFLATE_INSUFFICIENT_SPACE:
+      return CorruptData("deflate stream produces more than " + std::to_string(out.size()) +
+                         " bytes");
+    default:
+      return CorruptData("invalid or truncated deflate stream");
+  }
+}
+
+// After `out` is full the current frame must end without producing another byte.
+Status FinishZstdFrame(ZSTD_DCtx* d, ZSTD_inBuffer* input, size_t out_size) {
+  for (;;) {
+    uint8_t extra;
+    ZSTD_outBuffer probe = {&extra, 1, 0};
+    const size_t before = input->pos;
+    const size_t r = ZSTD_decompressStream(d, &probe, input);
+    if (ZSTD_isError(r)) return CorruptData(std::string("zstd: ") + ZSTD_getErrorName(r));
+    if (probe.pos > 0) {
+      return CorruptData("zstd stream produces more than " + std::to_string(out_size) + " bytes");
+    }
+    if (r == 0) return Status::Ok();
+    if (input->pos == before) return CorruptData("zstd frame is truncated");
+  }
+}
+
+// Several frames may follow each other; decode until `out` is exactly full.
+Status DecompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out) {
+  ZSTD_DCtx* d = ZstdDecoder();
+  if (d == nullptr) return Status::Error(ENOMEM, "cannot allocate a zstd decompressor");
+  ZSTD_DCtx_reset(d, ZSTD_reset_session_only);
+  ZSTD_inBuffer input = {in.data(), in.size(), 0};
+  ZSTD_outBuffer output = {out.data(), out.size(), 0};
+  size_t r = 0;
+  while (output.pos < output.size) {
+    const size_t in_before = input.pos;
+    const size_t out_before = output.pos;
+    r = ZSTD_decompressStream(d, &output, &input);
+    if (ZSTD_isError(r)) return CorruptData(std::string("zstd: ") + ZSTD_getErrorName(r));
+    // No progress means the input ran out before the cluster was complete.
+    if (input.pos == in_before && output.pos == out_before) {
+      return CorruptData("zstd stream ends after " + std::to_string(output.pos) + " of " +
+                         std::to_string(out.size()) + " bytes");
+    }
+  }
+  if (r != 0) return FinishZstdFrame(d, &input, out.size());
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status DecompressCluster(CompressionType type, std::span<const uint8_t> in,
+                         std::span<uint8_t> out) {
+  switch (type) {
+    case CompressionType::kZlib:
+      return InflateRaw(in, out);
+    case CompressionType::kZstd:
+      return DecompressZstd(in, out);
+  }
+  return Status::Unsupported("Unknown compression type: " +
+                             std::to_string(static_cast<unsigned>(type)));
+}
+
+}  // namespace qcow2kit::format
