@@ -37,7 +37,7 @@ test-fast: build
 	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
 
 bench: deps build
-	@./bench/run.sh $(BUILD)/qcow2kit
+	@python3 bench/bench_read.py --qcow2kit $(BUILD)/qcow2kit
 
 format:
 	@clang-format -i $$(git ls-files '*.cc' '*.h')

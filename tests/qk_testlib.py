@@ -673,3 +673,9 @@ def metadata_ranges(path):
     if h["nb_snapshots"]:
         ranges.append((h["snapshots_offset"], min(cs, size - h["snapshots_offset"])))
     return [(o, ln) for o, ln in ranges if 0 <= o < size and ln > 0]
+
+
+def as_qemu72_map(entries):
+    """Our map JSON as qemu-img 7.2 prints it: QEMU 8.2 added a "compressed" key to each
+    entry, which we print and 7.2 does not."""
+    return strip_keys(entries, {"compressed"})

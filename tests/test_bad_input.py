@@ -452,7 +452,8 @@ def _(b, p):
 # -- L1 entries (g4k: L1[1] maps guest [2 MiB, 4 MiB)) -----------------------------------
 
 L1_KW = ("L1", "L2")
-L1_EXPECT = {"info": OK, "map": E(1, *L1_KW), "read": E(1, *L1_KW), "dump": E(1, *L1_KW)}
+# dump shows a bad L1 entry (marked INVALID) instead of failing: it is an inspection tool.
+L1_EXPECT = {"info": OK, "map": E(1, *L1_KW), "read": E(1, *L1_KW), "dump": OK}
 L1_EXTRA = [rr(0, 8 * KiB, OK), rr(4 * MiB, 8 * KiB, OK), rr(2 * MiB + 4096, 4096, E(1, *L1_KW)),
             ("range-names-offset", 2 * MiB + 4096, 4096)]
 
@@ -508,8 +509,11 @@ def _(b, p):
     return p
 
 
-@case("l2-entry-past-eof", dict(L2_EXPECT, map=OK),
-      [e for e in L2_EXTRA] + [("map-still-reports", BAD_GUEST)])
+# Like QEMU (whose file layer zero-fills reads past the end of a file), a data cluster past
+# the end of the file reads as zeros; `check` is what reports it. Reads elsewhere are intact.
+@case("l2-entry-past-eof", {"info": OK, "map": OK, "read": OK, "dump": OK},
+      [rr(0, 8 * KiB, OK), rr(4 * MiB, 8 * KiB, OK), rr(BAD_GUEST + 4096, 4096, OK),
+       ("map-still-reports", BAD_GUEST)])
 def _(b, p):
     copy(b.g4k, p)
     poke_l2(p, BAD_GUEST, lambda v: (1 << 63) | (1 << 40))

@@ -75,6 +75,7 @@ Task<Result<uint8_t*>> Qcow2Image::L2SliceForUpdate(uint64_t offset) {
     co_return Status::Invalid(fmt::format("guest offset {:#x} is beyond the L1 table", offset));
   }
   uint64_t l1e = l1_[l1_index];
+  QK_CO_RETURN_IF_ERROR(format::ValidateL1Entry(l1e, l1_index, geometry_));
   uint64_t table = format::L1EntryOffset(l1e);
   if (table == 0 || !(l1e & format::kOflagCopied)) {
     // A new table, or a private copy of one shared with a snapshot. It is written (at flush)

@@ -70,9 +70,6 @@ Task<Status> Qcow2Image::LoadTables(const OpenOptions& options) {
     if (!l1.ok()) co_return l1.status().WithContext("Could not read L1 table");
     l1_ = std::move(*l1);
   }
-  for (uint64_t i = 0; i < l1_.size(); ++i) {
-    QK_CO_RETURN_IF_ERROR(format::ValidateL1Entry(l1_[i], i, geometry_));
-  }
   {
     auto rt = co_await ReadTable(file_.get(), h.refcount_table_offset,
                                  uint64_t(h.refcount_table_clusters) * cluster / 8);
@@ -113,9 +110,17 @@ Task<Status> Qcow2Image::LoadSnapshots() {
     Status s = co_await file_->ReadExact(std::as_writable_bytes(std::span(fixed)), pos);
     if (!s.ok()) co_return s.WithContext(fmt::format("Could not read snapshot {}", i));
     QK_CO_ASSIGN_OR_RETURN(uint64_t entry_size, format::SnapshotEntrySize(fixed, h.version));
+    // The last entry's padding to 8 bytes may be missing at the end of the file.
+    const uint64_t unpadded = format::kSnapshotFixedSize + format::LoadBE32(fixed + 36) +
+                              format::LoadBE16(fixed + 12) + format::LoadBE16(fixed + 14);
     std::vector<uint8_t> entry(entry_size);
-    s = co_await file_->ReadExact(std::as_writable_bytes(std::span(entry)), pos);
-    if (!s.ok()) co_return s.WithContext(fmt::format("Could not read snapshot {}", i));
+    auto got = co_await file_->ReadAt(std::as_writable_bytes(std::span(entry)), pos);
+    if (got.ok() && *got < unpadded) {
+      got = Status::Corrupt(fmt::format("snapshot table entry at offset {:#x} runs past the end "
+                                        "of the file",
+                                        pos));
+    }
+    if (!got.ok()) co_return got.status().WithContext(fmt::format("Could not read snapshot {}", i));
     QK_CO_ASSIGN_OR_RETURN(format::Snapshot snap,
                            format::ParseSnapshotEntry(entry, h.version, i, h.cluster_bits));
     snapshots_.push_back(std::move(snap));
@@ -245,7 +250,12 @@ Task<Status> Qcow2Image::Fetch(uint64_t offset, uint64_t length, std::vector<Ext
     uint64_t cluster_index = offset >> cb;
     uint64_t l1_index = cluster_index / l2_entries;
     uint64_t table_end = std::min(size(), ((l1_index + 1) * l2_entries) << cb);
-    uint64_t l2_offset = l1_index < l1_.size() ? format::L1EntryOffset(l1_[l1_index]) : 0;
+    uint64_t l2_offset = 0;
+    if (l1_index < l1_.size()) {
+      // Checked at use, not at open: one bad entry must not make the rest unreadable.
+      QK_CO_RETURN_IF_ERROR(format::ValidateL1Entry(l1_[l1_index], l1_index, geometry_));
+      l2_offset = format::L1EntryOffset(l1_[l1_index]);
+    }
     if (l2_offset == 0) {
       Extent e;
       e.guest_offset = offset;
@@ -322,38 +332,38 @@ Task<Result<uint64_t>> Qcow2Image::Refcount(uint64_t host_offset) {
                                 g.refcount_order);
 }
 
-Task<Result<int64_t>> Qcow2Image::LastUsedCluster(uint64_t file_length) {
+Task<Result<uint64_t>> Qcow2Image::CountUsedClusters(uint64_t file_length, uint64_t limit) {
   const auto& g = refcount_geometry_;
-  const uint64_t cluster = geometry_.cluster_size();
-  int64_t i = static_cast<int64_t>((file_length + cluster - 1) / cluster) - 1;
-  while (i >= 0) {
-    uint64_t host = uint64_t(i) * cluster;
-    uint64_t ti = g.table_index(host);
-    if (ti >= reftable_.size() || (reftable_[ti] & format::kRefcountTableOffsetMask) == 0) {
-      // No refcount block covers this cluster: skip to the end of the previous block's range.
-      i = static_cast<int64_t>(std::min<uint64_t>(ti, reftable_.size()) * g.block_entries()) - 1;
+  const uint64_t cs = geometry_.cluster_size();
+  const uint64_t end = (file_length + cs - 1) / cs;
+  uint64_t count = 0;
+  for (uint64_t i = 0; i < end && count < limit;) {
+    uint64_t ti = g.table_index(i * cs);
+    if (ti >= reftable_.size()) break;
+    if ((reftable_[ti] & format::kRefcountTableOffsetMask) == 0) {
+      i = (ti + 1) * g.block_entries();  // no block: the whole range is free
       continue;
     }
-    auto r = co_await Refcount(host);
+    auto r = co_await Refcount(i * cs);
     if (!r.ok()) co_return r.status();
-    if (*r > 0) co_return i;
-    --i;
+    count += *r > 0;
+    ++i;
   }
-  co_return int64_t{-1};
+  co_return count;
 }
 
 Task<FormatDriver::HostHoles> Qcow2Image::ProbeHostHoles() {
   if (metadata_preallocated_ < 0) {
-    // QEMU's qcow2_detect_metadata_preallocation: the image references clusters far beyond
-    // what the host file has allocated, so its data clusters are mostly holes.
+    // QEMU's qcow2_detect_metadata_preallocation: clearly more clusters are in use than the
+    // host file has allocated, so many data clusters must be holes.
     metadata_preallocated_ = 0;
     auto length = file_->Size();
     auto allocated = file_->AllocatedBytes();
     if (length.ok() && allocated.ok()) {
       uint64_t real_clusters = *allocated / geometry_.cluster_size();
       uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
-      auto last = co_await LastUsedCluster(*length);
-      if (last.ok() && *last >= 0 && uint64_t(*last) >= threshold) metadata_preallocated_ = 1;
+      auto used = co_await CountUsedClusters(*length, threshold);
+      if (used.ok() && *used >= threshold) metadata_preallocated_ = 1;
     }
   }
   co_return metadata_preallocated_ == 1 ? HostHoles::kZeroData : HostHoles::kIgnore;

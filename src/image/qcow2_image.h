@@ -68,8 +68,8 @@ class Qcow2Image final : public FormatDriver {
   // The refcount of the host cluster containing `host_offset` (0 if no refcount block covers
   // it).
   Task<Result<uint64_t>> Refcount(uint64_t host_offset);
-  // Index of the last host cluster below `file_length` with a non-zero refcount, or -1.
-  Task<Result<int64_t>> LastUsedCluster(uint64_t file_length);
+  // Host clusters below `file_length` with a non-zero refcount, counting up to `limit`.
+  Task<Result<uint64_t>> CountUsedClusters(uint64_t file_length, uint64_t limit);
 
  private:
   Qcow2Image(std::unique_ptr<File> file, format::ParsedHeader parsed);
