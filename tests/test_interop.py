@@ -465,6 +465,9 @@ def queue_image_cases(R, qk, q, img, idx):
 
     def map_json():
         got = qk.json("map", "--output=json", img.path)
+        # qemu-img's answer taken again right now: whether hole probing applies depends on the
+        # host file's allocated size at the moment (see above), so compare like with like.
+        qmap = q.map(img.path)
         T.check(isinstance(got, list), f"map JSON is not a list: {got!r:.200}")
         T.check_json_eq(T.strip_keys(got, {"offset", "compressed"}), T.strip_keys(qmap, {"offset"}),
                         "map --output=json (offset keys removed)")
