@@ -105,9 +105,9 @@ std::string L2Text(const Json& tables) {
   for (const Json& t : tables) {
     out += fmt::format("L2 table at {} (L1 index {}, guest offset {}): {} non-zero entries\n",
                        Hex(t["offset"]), t["l1_index"].get<uint64_t>(), Hex(t["guest_offset"]),
-                       t["entries"].size());
+                       t.contains("entries") ? t["entries"].size() : 0);
     if (t.contains("error")) out += "    UNREADABLE: " + t["error"].get<std::string>() + "\n";
-    if (t["entries"].empty()) continue;
+    if (!t.contains("entries") || t["entries"].empty()) continue;
     out += fmt::format("    {:<8} {:<18} {:<18} {:<12} {}\n", "index", "guest offset", "entry",
                        "type", "host offset");
     for (const Json& e : t["entries"]) out += L2EntryText(e);
