@@ -131,6 +131,11 @@ std::vector<Workload> Workloads() {
        {"qemu-img create -q -f qcow2 -o data_file=img.data img.qcow2 4M", fill},
        100},
   };
+  w.push_back({"CompatV2",
+               EngineKind::kSync,
+               65536,
+               {"qemu-img create -q -f qcow2 -o compat=0.10 img.qcow2 4M", fill},
+               100});
   // Metadata caches of two slices: clean slices are evicted and read back all the time.
   w.push_back({"SmallCaches",
                EngineKind::kUring,

@@ -67,8 +67,9 @@ int RunBenchCommand(const Cli& cli, const BenchCliArgs& a) {
 
 void AddBenchCommand(Cli& cli) {
   auto a = std::make_shared<BenchCliArgs>();
-  CLI::App* cmd = AddCommand(cli, "bench", "Run a simple read or write benchmark (as qemu-img bench)",
-                             [&cli, a] { return RunBenchCommand(cli, *a); });
+  CLI::App* cmd =
+      AddCommand(cli, "bench", "Run a simple read or write benchmark (as qemu-img bench)",
+                 [&cli, a] { return RunBenchCommand(cli, *a); });
   AddImageOptions(cmd, &a->image, /*with_cache=*/false);
   tools::BenchArgs& b = a->bench;
   cmd->add_option("-c,--count", b.count, "Number of requests (default 75000)");

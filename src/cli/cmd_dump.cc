@@ -26,12 +26,12 @@ int RunDump(const Cli& cli, const DumpArgs& a) {
   if (!img.ok()) return Fail(img.status());
   auto* q = dynamic_cast<Qcow2Image*>(img->get());
   if (!q) {
-    return Fail("'" + a.image.filename + "' is not a qcow2 image (format " +
-                (*img)->format_name() + ")");
+    return Fail("'" + a.image.filename + "' is not a qcow2 image (format " + (*img)->format_name() +
+                ")");
   }
 
-  const bool any = a.header || a.extensions || a.l1 || a.l2 || a.refcounts || a.snapshots ||
-                   a.bitmaps;
+  const bool any =
+      a.header || a.extensions || a.l1 || a.l2 || a.refcounts || a.snapshots || a.bitmaps;
   const bool all = a.all;
   tools::Json doc = tools::Json::object();
   if (all || a.header || !any) doc["header"] = tools::DumpHeader(*q);

@@ -21,17 +21,17 @@ int RunInfo(const Cli& cli, const InfoArgs& a) {
   if (!reactor.ok()) return Fail(reactor.status());
   // Without --backing-chain only the image itself is opened, as qemu-img info does: a
   // missing backing file does not stop it from describing the image.
-  auto img = (*reactor)->BlockOn(a.backing_chain
-                                     ? tools::OpenImageChain(a.image.filename, *open)
-                                     : tools::OpenSingleLayer(a.image.filename, *open));
+  auto img = (*reactor)->BlockOn(a.backing_chain ? tools::OpenImageChain(a.image.filename, *open)
+                                                 : tools::OpenSingleLayer(a.image.filename, *open));
   if (!img.ok()) return Fail(img.status());
 
   tools::Json chain = tools::Json::array();
   for (FormatDriver* layer = img->get(); layer;
        layer = a.backing_chain ? layer->backing() : nullptr) {
     auto info = tools::ImageInfo(*layer);
-    if (!info.ok()) return Fail(info.status().WithContext("Could not get information about '" +
-                                                          layer->filename() + "'"));
+    if (!info.ok())
+      return Fail(
+          info.status().WithContext("Could not get information about '" + layer->filename() + "'"));
     chain.push_back(std::move(*info));
   }
 

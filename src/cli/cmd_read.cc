@@ -10,6 +10,7 @@
 #include "tools/open_layer.h"
 #include "tools/read_stream.h"
 #include "tools/sha256.h"
+#include "tools/size_format.h"
 
 namespace qcow2kit::cli {
 namespace {
@@ -27,7 +28,7 @@ struct ReadArgs {
 };
 
 Result<uint64_t> ParseArg(const std::string& what, const std::string& text) {
-  auto v = ParseSize(text);
+  auto v = tools::ParseQemuSizeText(text);
   if (!v.ok()) return Status::Invalid("Invalid " + what + " specified: '" + text + "'");
   return v;
 }
@@ -64,8 +65,8 @@ int RunRead(const Cli& cli, const ReadArgs& a) {
   if (offset > size || (length && *length > size - offset)) {
     std::string range = length ? fmt::format("Offset {} + length {}", offset, *length)
                                : fmt::format("Offset {}", offset);
-    return Fail(fmt::format("{} is past the end of '{}' (image size {})", range,
-                            a.image.filename, size));
+    return Fail(
+        fmt::format("{} is past the end of '{}' (image size {})", range, a.image.filename, size));
   }
   const uint64_t n = length.value_or(size - offset);
 
@@ -107,7 +108,8 @@ int RunRead(const Cli& cli, const ReadArgs& a) {
     hexdumper.Finish(&text);
     s = write(text);
   }
-  if (s.ok() && std::fflush(out) != 0) s = Status::FromErrno(errno, "Could not write to " + out_name);
+  if (s.ok() && std::fflush(out) != 0)
+    s = Status::FromErrno(errno, "Could not write to " + out_name);
   if (s.ok() && file && std::fclose(file.release()) != 0) {
     s = Status::FromErrno(errno, "Could not write to " + out_name);
   }

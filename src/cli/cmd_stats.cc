@@ -23,8 +23,8 @@ int RunStats(const Cli& cli, const StatsArgs& a) {
   if (!img.ok()) return Fail(img.status());
   auto* qcow2 = dynamic_cast<Qcow2Image*>(img->get());
   if (!qcow2) {
-    return Fail("'" + a.image.filename + "' is not a qcow2 image (format " +
-                (*img)->format_name() + ")");
+    return Fail("'" + a.image.filename + "' is not a qcow2 image (format " + (*img)->format_name() +
+                ")");
   }
   auto stats = (*reactor)->BlockOn(tools::ComputeStats(*qcow2));
   if (!stats.ok()) return Fail(stats.status().WithContext("'" + a.image.filename + "'"));

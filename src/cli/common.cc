@@ -81,7 +81,9 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-int Fail(const Status& status) { return Fail(status.ToString()); }
+int Fail(const Status& status) {
+  return Fail(status.ToString());
+}
 
 int UsageError(const std::string& message, const std::string& command) {
   Fail(message);

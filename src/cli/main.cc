@@ -59,6 +59,6 @@ int main(int argc, char** argv) {
     std::printf("qcow2kit version %s\n", kVersion);
     return 0;
   }
-  if (!cli.run) return UsageError("a command is required (info, map, dump, stats, read, bench)", "");
+  if (!cli.run) return UsageError("a command is required", "");
   return cli.run();
 }

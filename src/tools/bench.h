@@ -31,8 +31,8 @@ class BenchOffsets {
   uint64_t step_;
   uint64_t next_;
   bool random_;
-  uint64_t slots_ = 1;      // random: aligned request positions inside the image
-  uint64_t rng_state_;      // splitmix64
+  uint64_t slots_ = 1;  // random: aligned request positions inside the image
+  uint64_t rng_state_;  // splitmix64
 };
 
 struct BenchResult {

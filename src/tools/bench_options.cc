@@ -3,10 +3,9 @@
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
-#include <string_view>
 
 #include "fmt/format.h"
-#include "qcow2kit/image.h"
+#include "tools/size_format.h"
 
 namespace qcow2kit::tools {
 
@@ -20,44 +19,19 @@ std::optional<uint64_t> ParseQemuUlong(const std::string& text, uint64_t max) {
   return v;
 }
 
-namespace {
-
-// digits, optionally ".digits", optionally one unit suffix: a size that can only fail by being
-// too large.
-bool LooksLikeSize(const std::string& text) {
-  size_t i = 0;
-  auto digits = [&] {
-    size_t start = i;
-    while (i < text.size() && text[i] >= '0' && text[i] <= '9') ++i;
-    return i > start;
-  };
-  if (!digits()) return false;
-  if (i < text.size() && text[i] == '.') {
-    ++i;
-    if (!digits()) return false;
-  }
-  if (i < text.size() && std::string_view("bBkKmMgGtTpPeE").find(text[i]) != std::string::npos) {
-    ++i;
-  }
-  return i == text.size();
-}
-
-}  // namespace
-
 Result<uint64_t> ParseQemuSize(const std::string& name, const std::string& text, uint64_t min,
                                uint64_t max) {
   auto range_error = [&] {
     return Status::Invalid(
         fmt::format("Invalid {} specified. Must be between {} and {}.", name, min, max));
   };
-  auto parsed = ParseSize(text);
+  auto parsed = ParseQemuSizeText(text);
   if (!parsed.ok()) {
-    // A well-formed number that is merely too big is a range error in QEMU (ERANGE).
-    if (LooksLikeSize(text)) return range_error();
-    return Status::Invalid(fmt::format(
-        "Invalid {} specified. You may use k, M, G, T, P or E suffixes for\n"
-        "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
-        name));
+    if (parsed.status().code() == ERANGE) return range_error();
+    return Status::Invalid(
+        fmt::format("Invalid {} specified. You may use k, M, G, T, P or E suffixes for\n"
+                    "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+                    name));
   }
   if (*parsed < min || *parsed > max) return range_error();
   return *parsed;

@@ -25,12 +25,18 @@ Json FeatureNames(const Qcow2Image& img, uint64_t mask, uint8_t type) {
 
 const char* ExtensionName(uint32_t type) {
   switch (type) {
-    case format::kExtBackingFormat: return "backing format";
-    case format::kExtFeatureTable: return "feature name table";
-    case format::kExtBitmaps: return "bitmaps";
-    case format::kExtCrypto: return "full disk encryption header pointer";
-    case format::kExtDataFile: return "external data file name";
-    default: return "unknown";
+    case format::kExtBackingFormat:
+      return "backing format";
+    case format::kExtFeatureTable:
+      return "feature name table";
+    case format::kExtBitmaps:
+      return "bitmaps";
+    case format::kExtCrypto:
+      return "full disk encryption header pointer";
+    case format::kExtDataFile:
+      return "external data file name";
+    default:
+      return "unknown";
   }
 }
 

@@ -28,8 +28,7 @@ Json L2Entry(const Qcow2Image& img, uint64_t index, uint64_t guest, uint64_t ent
     e["copied"] = (entry & format::kOflagCopied) != 0;
     if (g.extended_l2) e["subclusters"] = SubclusterMap(bitmap);
   }
-  Status valid =
-      format::ValidateL2Entry(entry, bitmap, guest, img.header().version, g);
+  Status valid = format::ValidateL2Entry(entry, bitmap, guest, img.header().version, g);
   if (!valid.ok()) e["error"] = valid.message();
   return e;
 }
@@ -38,11 +37,16 @@ Json L2Entry(const Qcow2Image& img, uint64_t index, uint64_t guest, uint64_t ent
 
 const char* ClusterTypeName(format::ClusterType t) {
   switch (t) {
-    case format::ClusterType::kUnallocated: return "unallocated";
-    case format::ClusterType::kZeroPlain: return "zero-plain";
-    case format::ClusterType::kZeroAlloc: return "zero-alloc";
-    case format::ClusterType::kNormal: return "normal";
-    case format::ClusterType::kCompressed: return "compressed";
+    case format::ClusterType::kUnallocated:
+      return "unallocated";
+    case format::ClusterType::kZeroPlain:
+      return "zero-plain";
+    case format::ClusterType::kZeroAlloc:
+      return "zero-alloc";
+    case format::ClusterType::kNormal:
+      return "normal";
+    case format::ClusterType::kCompressed:
+      return "compressed";
   }
   return "invalid";
 }

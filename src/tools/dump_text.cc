@@ -5,7 +5,9 @@
 namespace qcow2kit::tools {
 namespace {
 
-std::string Hex(const Json& v) { return fmt::format("{:#x}", v.get<uint64_t>()); }
+std::string Hex(const Json& v) {
+  return fmt::format("{:#x}", v.get<uint64_t>());
+}
 
 bool ShownInHex(const std::string& key) {
   return key == "magic" || key.ends_with("_offset") || key.ends_with("_features");
@@ -43,8 +45,7 @@ std::string ExtensionsText(const Json& list) {
   std::string out = fmt::format("Header extensions: {}\n", list.size());
   for (const Json& e : list) {
     out += fmt::format("    {} ({}) at {}, {} bytes\n", e["type_hex"].get<std::string>(),
-                       e["name"].get<std::string>(), Hex(e["offset"]),
-                       e["length"].get<uint64_t>());
+                       e["name"].get<std::string>(), Hex(e["offset"]), e["length"].get<uint64_t>());
     const Json& c = e["content"];
     for (auto it = c.begin(); it != c.end(); ++it) {
       if (it.key() == "features") {
@@ -88,10 +89,9 @@ std::string L2EntryText(const Json& e) {
     where = e.contains("host_offset") ? Hex(e["host_offset"]) : "-";
     if (e["copied"].get<bool>()) where += " copied";
   }
-  std::string line = fmt::format("    {:<8} {:<18} {:<18} {:<12} {}",
-                                 e["index"].get<uint64_t>(), Hex(e["guest_offset"]),
-                                 e["entry"].get<std::string>(), e["type"].get<std::string>(),
-                                 where);
+  std::string line = fmt::format("    {:<8} {:<18} {:<18} {:<12} {}", e["index"].get<uint64_t>(),
+                                 Hex(e["guest_offset"]), e["entry"].get<std::string>(),
+                                 e["type"].get<std::string>(), where);
   if (e.contains("bitmap")) {
     line += fmt::format(" bitmap {}", e["bitmap"].get<std::string>());
     if (e.contains("subclusters")) line += " [" + e["subclusters"].get<std::string>() + "]";
@@ -116,9 +116,9 @@ std::string L2Text(const Json& tables) {
 }
 
 std::string RefcountsText(const Json& r) {
-  std::string out = fmt::format("Refcount table at {} ({} clusters), {}-bit refcounts\n",
-                                Hex(r["table_offset"]), r["table_clusters"].get<uint64_t>(),
-                                r["refcount_bits"].get<unsigned>());
+  std::string out =
+      fmt::format("Refcount table at {} ({} clusters), {}-bit refcounts\n", Hex(r["table_offset"]),
+                  r["table_clusters"].get<uint64_t>(), r["refcount_bits"].get<unsigned>());
   out += fmt::format("    {:<8} {:<18} {:<18} {}\n", "index", "entry", "block offset",
                      "first cluster");
   for (const Json& e : r["table"]) {

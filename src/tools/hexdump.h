@@ -24,7 +24,7 @@ class Hexdumper {
  private:
   void EmitLine(std::string* out);
 
-  uint64_t offset_;                // of the first byte of line_
+  uint64_t offset_;  // of the first byte of line_
   std::array<uint8_t, 16> line_{};
   size_t fill_ = 0;
   std::array<uint8_t, 16> previous_{};

@@ -20,7 +20,9 @@ std::string Dump(uint64_t start, const std::vector<uint8_t>& data, size_t piece 
   return out;
 }
 
-std::vector<uint8_t> Bytes(std::string_view s) { return {s.begin(), s.end()}; }
+std::vector<uint8_t> Bytes(std::string_view s) {
+  return {s.begin(), s.end()};
+}
 
 TEST(HexdumpTest, LikeHexdumpC) {
   EXPECT_EQ(Dump(0, Bytes("hello world, this is a test")),
@@ -55,7 +57,9 @@ TEST(HexdumpTest, OffsetsStartAtTheStartOffset) {
             "00012347\n");
 }
 
-TEST(HexdumpTest, EmptyStreamPrintsNothing) { EXPECT_EQ(Dump(5, {}), ""); }
+TEST(HexdumpTest, EmptyStreamPrintsNothing) {
+  EXPECT_EQ(Dump(5, {}), "");
+}
 
 }  // namespace
 }  // namespace qcow2kit::tools

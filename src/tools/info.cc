@@ -127,12 +127,12 @@ std::string SnapshotTableRow(const Json& s) {
 
 std::string ImageInfoHuman(const Json& info) {
   const uint64_t vsize = info["virtual-size"].get<uint64_t>();
-  std::string out = fmt::format(
-      "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
-      info["filename"].get<std::string>(), info["format"].get<std::string>(),
-      QemuSizeToStr(vsize), vsize,
-      info.contains("actual-size") ? QemuSizeToStr(info["actual-size"].get<uint64_t>())
-                                   : "unavailable");
+  std::string out =
+      fmt::format("image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
+                  info["filename"].get<std::string>(), info["format"].get<std::string>(),
+                  QemuSizeToStr(vsize), vsize,
+                  info.contains("actual-size") ? QemuSizeToStr(info["actual-size"].get<uint64_t>())
+                                               : "unavailable");
   if (info.contains("cluster-size")) {
     out += fmt::format("cluster_size: {}\n", info["cluster-size"].get<uint64_t>());
   }

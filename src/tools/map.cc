@@ -29,8 +29,8 @@ MapEntry ToMapEntry(const BlockStatusExtent& e) {
 bool MapEntriesMergeable(const MapEntry& cur, const MapEntry& next) {
   if (cur.length == 0) return false;
   if (cur.zero != next.zero || cur.data != next.data || cur.compressed != next.compressed ||
-      cur.depth != next.depth || cur.present != next.present ||
-      cur.has_offset != next.has_offset || cur.filename != next.filename) {
+      cur.depth != next.depth || cur.present != next.present || cur.has_offset != next.has_offset ||
+      cur.filename != next.filename) {
     return false;
   }
   return !cur.has_offset || cur.offset + cur.length == next.offset;
@@ -46,7 +46,9 @@ std::optional<MapEntry> MapMerger::Push(const MapEntry& next) {
   return done;
 }
 
-std::optional<MapEntry> MapMerger::Finish() { return std::exchange(cur_, std::nullopt); }
+std::optional<MapEntry> MapMerger::Finish() {
+  return std::exchange(cur_, std::nullopt);
+}
 
 Task<Status> WalkMap(BlockDevice& dev, uint64_t start, uint64_t length, uint64_t window,
                      const MapEmitFn& emit) {
@@ -92,8 +94,8 @@ std::string MapEntryJson(const MapEntry& e) {
 
 std::string MapEntryHuman(const MapEntry& e) {
   char buf[128];
-  std::snprintf(buf, sizeof(buf), "%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64, e.start,
-                e.length, e.has_offset ? e.offset : uint64_t{0});
+  std::snprintf(buf, sizeof(buf), "%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64, e.start, e.length,
+                e.has_offset ? e.offset : uint64_t{0});
   return buf + e.filename;
 }
 

@@ -68,13 +68,13 @@ std::vector<MapEntry> Walk(BlockDevice& dev, uint64_t start, uint64_t length, ui
   EXPECT_TRUE(reactor.ok());
   std::vector<MapEntry> got;
   bool saw_last = false;
-  Status s = (*reactor)->BlockOn(WalkMap(dev, start, length, window,
-                                         [&](const MapEntry& e, bool last) {
-                                           EXPECT_FALSE(saw_last);
-                                           saw_last = last;
-                                           got.push_back(e);
-                                           return Status::Ok();
-                                         }));
+  Status s =
+      (*reactor)->BlockOn(WalkMap(dev, start, length, window, [&](const MapEntry& e, bool last) {
+        EXPECT_FALSE(saw_last);
+        saw_last = last;
+        got.push_back(e);
+        return Status::Ok();
+      }));
   EXPECT_TRUE(s.ok()) << s.ToString();
   EXPECT_TRUE(saw_last);
   return got;

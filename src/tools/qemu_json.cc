@@ -10,7 +10,9 @@ namespace {
 
 constexpr unsigned kQdictBuckets = 512;
 
-std::string Indent(int level) { return std::string(static_cast<size_t>(level) * 4, ' '); }
+std::string Indent(int level) {
+  return std::string(static_cast<size_t>(level) * 4, ' ');
+}
 
 // Decodes one UTF-8 sequence at `p` as QEMU's mod_utf8_codepoint() does for well-formed input;
 // anything malformed (or overlong, or a surrogate) yields -1 and consumes one byte.
@@ -153,13 +155,27 @@ std::string QemuJsonQuote(std::string_view s) {
   for (size_t pos = 0; pos < s.size();) {
     int cp = DecodeUtf8(s, &pos);
     switch (cp) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (cp < 0) cp = 0xfffd;
         if (cp > 0xffff) {

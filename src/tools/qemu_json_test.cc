@@ -31,9 +31,9 @@ TEST(QemuJsonTest, SnapshotAndQcow2KeysInQemuImgOrder) {
                         "vm-clock-nsec", "icount"}) {
     snap[k] = 0;
   }
-  EXPECT_EQ(Keys(snap), (std::vector<std::string>{"icount", "vm-clock-nsec", "name", "date-sec",
-                                                  "date-nsec", "vm-clock-sec", "id",
-                                                  "vm-state-size"}));
+  EXPECT_EQ(Keys(snap),
+            (std::vector<std::string>{"icount", "vm-clock-nsec", "name", "date-sec", "date-nsec",
+                                      "vm-clock-sec", "id", "vm-state-size"}));
   Json q = Json::object();
   for (const char* k : {"compat", "data-file", "data-file-raw", "extended-l2", "lazy-refcounts",
                         "corrupt", "refcount-bits", "bitmaps", "compression-type"}) {
@@ -82,9 +82,9 @@ TEST(QemuJsonTest, PrettyPrintsLikeQemu) {
 TEST(QemuJsonTest, QuotesLikeQemu) {
   EXPECT_EQ(QemuJsonQuote("a\"b\\c\n\t"), "\"a\\\"b\\\\c\\n\\t\"");
   EXPECT_EQ(QemuJsonQuote(std::string("\x01\x7f", 2)), "\"\\u0001\\u007F\"");
-  EXPECT_EQ(QemuJsonQuote("\xc3\xa9"), "\"\\u00E9\"");              // U+00E9
+  EXPECT_EQ(QemuJsonQuote("\xc3\xa9"), "\"\\u00E9\"");                 // U+00E9
   EXPECT_EQ(QemuJsonQuote("\xf0\x9f\x98\x80"), "\"\\uD83D\\uDE00\"");  // U+1F600
-  EXPECT_EQ(QemuJsonQuote("\xff"), "\"\\uFFFD\"");                   // not UTF-8
+  EXPECT_EQ(QemuJsonQuote("\xff"), "\"\\uFFFD\"");                     // not UTF-8
 }
 
 TEST(QemuJsonTest, HumanDumpLikeQemuImg) {

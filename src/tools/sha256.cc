@@ -10,7 +10,9 @@ Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) {
   ok_ = ctx_ && EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr) == 1;
 }
 
-Sha256::~Sha256() { EVP_MD_CTX_free(ctx_); }
+Sha256::~Sha256() {
+  EVP_MD_CTX_free(ctx_);
+}
 
 Status Sha256::Update(std::span<const std::byte> data) {
   if (!ok_ || EVP_DigestUpdate(ctx_, data.data(), data.size()) != 1) {

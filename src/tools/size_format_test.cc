@@ -23,3 +23,30 @@ TEST(SizeFormatTest, MatchesQemuSizeToStr) {
 
 }  // namespace
 }  // namespace qcow2kit::tools
+
+namespace qcow2kit::tools {
+namespace {
+
+TEST(SizeFormatTest, ParsesLikeQemuStrtosz) {
+  auto value = [](const char* text) -> int64_t {
+    auto r = ParseQemuSizeText(text);
+    return r.ok() ? static_cast<int64_t>(*r) : -r.status().code();
+  };
+  EXPECT_EQ(value("0"), 0);
+  EXPECT_EQ(value("4096"), 4096);
+  EXPECT_EQ(value("64k"), 65536);
+  EXPECT_EQ(value("1.5k"), 1536);
+  EXPECT_EQ(value("0x10"), 16);
+  EXPECT_EQ(value("0x1e"), 30);  // hex digits, not an exponent
+  EXPECT_EQ(value("0x1.8k"), -EINVAL);
+  EXPECT_EQ(value("0x10k"), -EINVAL);
+  EXPECT_EQ(value("1.5"), -EINVAL);
+  EXPECT_EQ(value("12Q"), -EINVAL);
+  EXPECT_EQ(value("-1"), -EINVAL);
+  EXPECT_EQ(value("99999999999999999999"), -ERANGE);
+  EXPECT_EQ(value("16E"), -ERANGE);
+  EXPECT_EQ(value("0x10000000000000000"), -ERANGE);
+}
+
+}  // namespace
+}  // namespace qcow2kit::tools

@@ -89,19 +89,20 @@ Task<Result<ImageStats>> ComputeStats(Qcow2Image& img) {
   MetadataClusters& m = s.metadata;
   m.l1_table = ClustersFor(uint64_t{h.l1_size} * 8, cs);
   m.refcount_table = h.refcount_table_clusters;
-  m.refcount_blocks = std::count_if(img.refcount_table().begin(), img.refcount_table().end(),
-                                    [](uint64_t e) {
-                                      return (e & format::kRefcountTableOffsetMask) != 0;
-                                    });
+  m.refcount_blocks =
+      std::count_if(img.refcount_table().begin(), img.refcount_table().end(),
+                    [](uint64_t e) { return (e & format::kRefcountTableOffsetMask) != 0; });
   uint64_t snapshot_bytes = 0;
   for (const auto& snap : img.snapshots()) {
     // Fixed part, extra data, id and name, padded to 8 (as the table stores them).
     snapshot_bytes += (format::kSnapshotFixedSize + snap.extra_data.size() + snap.id.size() +
-                       snap.name.size() + 7) / 8 * 8;
+                       snap.name.size() + 7) /
+                      8 * 8;
     m.snapshot_l1_tables += ClustersFor(uint64_t{snap.l1_size} * 8, cs);
   }
   m.snapshot_table = ClustersFor(snapshot_bytes, cs);
-  if (img.parsed().bitmaps) m.bitmap_directory = ClustersFor(img.parsed().bitmaps->directory_size, cs);
+  if (img.parsed().bitmaps)
+    m.bitmap_directory = ClustersFor(img.parsed().bitmaps->directory_size, cs);
   co_return s;
 }
 

@@ -14,7 +14,7 @@
 namespace qcow2kit::tools {
 
 struct ClusterCounts {
-  uint64_t normal = 0;       // data in a host cluster
+  uint64_t normal = 0;  // data in a host cluster
   uint64_t compressed = 0;
   uint64_t zero_plain = 0;   // zero flag (all subclusters zero), no host cluster
   uint64_t zero_alloc = 0;   // zero flag with a preallocated host cluster
@@ -68,8 +68,7 @@ struct ImageStats {
   uint64_t host_allocated_bytes = 0;  // st_blocks * 512
 
   double fragmented_percent() const {
-    return clusters.check_allocated ? 100.0 * clusters.fragmented / clusters.check_allocated
-                                    : 0.0;
+    return clusters.check_allocated ? 100.0 * clusters.fragmented / clusters.check_allocated : 0.0;
   }
 };
 

@@ -11,11 +11,11 @@ TEST(StatsTest, CountsClusterKindsAndFragmentationLikeQemuCheck) {
   format::Geometry g{16, false, false};
   ClusterCounter c(g);
   c.StartTable();
-  c.Add(kCopied | 0x50000, 0);  // normal
-  c.Add(kCopied | 0x60000, 0);  // contiguous
-  c.Add(kCopied | 0x90000, 0);  // fragmented
-  c.Add(0, 0);                  // unallocated
-  c.Add(format::kOflagZero, 0);              // zero, no host cluster
+  c.Add(kCopied | 0x50000, 0);                       // normal
+  c.Add(kCopied | 0x60000, 0);                       // contiguous
+  c.Add(kCopied | 0x90000, 0);                       // fragmented
+  c.Add(0, 0);                                       // unallocated
+  c.Add(format::kOflagZero, 0);                      // zero, no host cluster
   c.Add(kCopied | 0xa0000 | format::kOflagZero, 0);  // zero, preallocated: contiguous
   c.Add(format::EncodeCompressed(0x123456, 700, 16), 0);
   c.StartTable();
@@ -34,10 +34,10 @@ TEST(StatsTest, CountsClusterKindsAndFragmentationLikeQemuCheck) {
 TEST(StatsTest, ExtendedL2AllZeroClustersCountAsZero) {
   format::Geometry g{16, true, false};
   ClusterCounter c(g);
-  c.Add(0, 0xffffffff00000000ull);                     // all subclusters zero, no host
-  c.Add(kCopied | 0x50000, 0xffffffff00000000ull);     // all zero, host reserved
-  c.Add(kCopied | 0x60000, 0x00000000ffffffffull);     // all allocated
-  c.Add(0, 0x0000000100000000ull);                     // partly zero: reads from backing
+  c.Add(0, 0xffffffff00000000ull);                  // all subclusters zero, no host
+  c.Add(kCopied | 0x50000, 0xffffffff00000000ull);  // all zero, host reserved
+  c.Add(kCopied | 0x60000, 0x00000000ffffffffull);  // all allocated
+  c.Add(0, 0x0000000100000000ull);                  // partly zero: reads from backing
   EXPECT_EQ(c.counts().zero_plain, 1u);
   EXPECT_EQ(c.counts().zero_alloc, 1u);
   EXPECT_EQ(c.counts().normal, 1u);
