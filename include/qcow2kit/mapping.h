@@ -34,7 +34,10 @@ struct Extent {
   uint64_t length = 0;
   ExtentKind kind = ExtentKind::kUnallocated;
   uint8_t file_index = 0;            // FormatDriver::file(i): 0 = image file, 1 = data file
-  bool writable = false;             // kData that may be overwritten in place (refcount 1)
+  // The host space (has_host()) belongs to this image alone (refcount 1): kData may be
+  // overwritten in place; kZero / kUnallocated space may be filled in place and then committed
+  // as kData at the same host offset.
+  bool writable = false;
   uint64_t host_offset = kNoHost;    // of guest_offset; for kCompressed the stream start
   uint64_t compressed_length = 0;    // kCompressed: upper bound of the stream's length
 

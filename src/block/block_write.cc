@@ -27,9 +27,47 @@ Task<Status> WriteZeroBytes(BlockDevice* dev, uint64_t offset, uint64_t length) 
   co_return Status::Ok();
 }
 
+// Host space the image owns but has not filled yet (preallocated zero clusters, reserved
+// subclusters): written in place, then committed as data at the same host offset.
+bool FillInPlace(const Extent& e) {
+  return e.kind != ExtentKind::kData && e.kind != ExtentKind::kCompressed && e.writable &&
+         e.has_host();
+}
+
+// The bytes of whole units [lo, hi) for a write of `data` at `pos`: the write itself, or a
+// buffer with the head and tail the write does not cover copied from the current mapping
+// (backing file, zeros, compressed or shared data).
+Task<Result<std::span<const std::byte>>> WithCopyOnWrite(FormatDriver* d, uint64_t lo,
+                                                         uint64_t hi, uint64_t pos,
+                                                         std::span<const std::byte> data,
+                                                         AlignedBuffer* buffer) {
+  const uint64_t end = pos + data.size();
+  if (lo == pos && hi == end) co_return data;
+  buffer->Resize(hi - lo);
+  QK_CO_RETURN_IF_ERROR(co_await ReadLayer(d, lo, buffer->span().first(pos - lo)));
+  std::memcpy(buffer->data() + (pos - lo), data.data(), data.size());
+  QK_CO_RETURN_IF_ERROR(co_await ReadLayer(d, end, buffer->span().subspan(end - lo, hi - end)));
+  co_return std::span<const std::byte>(buffer->span());
+}
+
+// Writes [lo, hi) to host space at `host` and maps it there.
+Task<Status> WriteAndCommit(FormatDriver* d, uint8_t file_index, uint64_t host, uint64_t lo,
+                            uint64_t hi, std::span<const std::byte> payload) {
+  uint64_t epoch = d->BeginIo();
+  Status s = co_await d->file(file_index)->WriteAt(payload, host);
+  d->EndIo(epoch);
+  QK_CO_RETURN_IF_ERROR(s);
+  MappingUpdate u;
+  u.guest_offset = lo;
+  u.length = hi - lo;
+  u.kind = MappingUpdate::Kind::kData;
+  u.host_offset = host;
+  co_return co_await d->Commit(std::span(&u, 1));
+}
+
 // Allocating write of [pos, run_end) (which starts with a range that cannot be written in
 // place). Returns how far it got: less than run_end if, under the lock, the mapping turned
-// out to allow in-place writes after all.
+// out to allow in-place writes after all, or if only part of the run could be placed.
 Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t run_end,
                                        std::span<const std::byte> data) {
   const uint64_t cs = d->cluster_size();
@@ -41,20 +79,35 @@ Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t r
   const uint64_t cend = std::min(AlignUp(run_end, cs), size);
   std::vector<Extent> extents;
   QK_CO_RETURN_IF_ERROR(co_await d->Fetch(cstart, cend - cstart, &extents));
-  bool keeps_host_data = false;  // a cluster of the run has data that must be copied whole
+  AlignedBuffer buffer;
   for (const Extent& e : extents) {
-    if (e.guest_offset >= cend) break;
-    if (e.end() > pos && e.guest_offset < run_end && InPlace(e)) {
-      if (e.guest_offset <= pos) co_return pos;  // writable now: let the caller write in place
-      run_end = e.guest_offset;                  // allocate only up to it
+    if (e.end() <= pos) continue;
+    if (e.guest_offset >= run_end) break;
+    if (!InPlace(e) && !FillInPlace(e)) continue;
+    if (e.guest_offset > pos) {
+      run_end = e.guest_offset;  // relocate only up to it (a cluster boundary)
+      break;
     }
+    if (InPlace(e)) co_return pos;  // writable now: let the caller write in place
+    // Owned space: fill whole granules in place. Extents start and end on granules.
+    const uint64_t end = std::min(run_end, e.end());
+    const uint64_t lo = AlignDown(pos, g);
+    const uint64_t hi = std::min(AlignUp(end, g), size);
+    QK_CO_ASSIGN_OR_RETURN(auto payload, co_await WithCopyOnWrite(d, lo, hi, pos,
+                                                                  data.first(end - pos), &buffer));
+    QK_CO_RETURN_IF_ERROR(co_await WriteAndCommit(d, e.file_index,
+                                                  e.host_offset + (lo - e.guest_offset), lo, hi,
+                                                  payload));
+    co_return end;
   }
+  // New clusters. A cluster whose current data lives in host space we cannot write (shared
+  // with a snapshot, or compressed) moves whole; otherwise only the touched granules are
+  // written (with subclusters) and the rest keep reading as before.
+  bool keeps_host_data = false;
   for (const Extent& e : extents) {
     if (e.guest_offset >= AlignUp(run_end, cs)) break;
     if (e.has_host() || e.kind == ExtentKind::kCompressed) keeps_host_data = true;
   }
-  // What gets written: whole clusters, or with subclusters only the touched ones unless a
-  // cluster's existing data has to move to the new cluster.
   const uint64_t unit = (g < cs && !keeps_host_data) ? g : cs;
   const uint64_t lo = AlignDown(pos, unit);
   uint64_t hi = std::min(AlignUp(run_end, unit), size);
@@ -67,26 +120,10 @@ Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t r
     hi = cstart + reserved;
     run_end = std::min(run_end, hi);
   }
-  const uint64_t host_lo = host + (lo - cstart);
-  std::span<const std::byte> payload = data.first(run_end - pos);
-  AlignedBuffer buffer;
-  if (lo < pos || hi > run_end) {
-    // Copy-on-write: the parts of the units the write does not cover come from the current
-    // mapping (backing file, zeros, compressed or shared data).
-    buffer.Resize(hi - lo);
-    QK_CO_RETURN_IF_ERROR(co_await ReadLayer(d, lo, buffer.span().first(pos - lo)));
-    std::memcpy(buffer.data() + (pos - lo), data.data(), run_end - pos);
-    QK_CO_RETURN_IF_ERROR(
-        co_await ReadLayer(d, run_end, buffer.span().subspan(run_end - lo, hi - run_end)));
-    payload = buffer.span();
-  }
-  QK_CO_RETURN_IF_ERROR(co_await d->file(file_index)->WriteAt(payload, host_lo));
-  MappingUpdate u;
-  u.guest_offset = lo;
-  u.length = hi - lo;
-  u.kind = MappingUpdate::Kind::kData;
-  u.host_offset = host_lo;
-  QK_CO_RETURN_IF_ERROR(co_await d->Commit(std::span(&u, 1)));
+  QK_CO_ASSIGN_OR_RETURN(auto payload, co_await WithCopyOnWrite(d, lo, hi, pos,
+                                                                data.first(run_end - pos), &buffer));
+  QK_CO_RETURN_IF_ERROR(
+      co_await WriteAndCommit(d, file_index, host + (lo - cstart), lo, hi, payload));
   co_return run_end;
 }
 

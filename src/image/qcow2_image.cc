@@ -220,6 +220,7 @@ Status Qcow2Image::DecodeSlice(const uint8_t* slice, uint64_t first_guest, uint6
         case SubclusterType::kZeroAlloc:
           e.kind = ExtentKind::kZero;
           e.host_offset = host_here;
+          e.writable = copied;
           break;
         case SubclusterType::kUnallocatedPlain:
           e.kind = ExtentKind::kUnallocated;
@@ -227,6 +228,7 @@ Status Qcow2Image::DecodeSlice(const uint8_t* slice, uint64_t first_guest, uint6
         case SubclusterType::kUnallocatedAlloc:
           e.kind = ExtentKind::kUnallocated;
           e.host_offset = host_here;
+          e.writable = copied;
           break;
         case SubclusterType::kCompressed:
         case SubclusterType::kInvalid:
