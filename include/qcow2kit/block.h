@@ -51,6 +51,10 @@ class BlockDevice {
   // images (and any image with a backing file) read zeros afterwards, v2 images without a
   // backing file read zeros too (the cluster is deallocated).
   Task<Status> Discard(uint64_t offset, uint64_t length);
+  // Changes the virtual size. A grown range reads as zeros (never as stale data or backing
+  // data), with space reserved per `prealloc`. Shrinking drops the data past the new end: ask
+  // the user first, as qemu-img resize --shrink does.
+  Task<Status> Resize(uint64_t new_size, Preallocation prealloc = Preallocation::kOff);
   // Everything written before is durable when this returns (metadata in dependency order,
   // then the files synced).
   Task<Status> Flush();

@@ -68,6 +68,10 @@ class FormatDriver {
   // Applies mapping updates (see MappingUpdate). Clusters that lose their last reference are
   // freed once the change is durable and no I/O issued under the old mapping is in flight.
   virtual Task<Status> Commit(std::span<const MappingUpdate> updates);
+  // Changes the virtual size. Growing reserves space for the new range per `prealloc` (whose
+  // contents the block layer makes read as zeros); shrinking (only with kOff) unmaps everything
+  // past the new end and returns the freed space. Mappings change: see the lifetime rule.
+  virtual Task<Status> Resize(uint64_t new_size, Preallocation prealloc);
   // Makes everything committed so far durable: metadata written in dependency order, files
   // synced.
   virtual Task<Status> Flush();

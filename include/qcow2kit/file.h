@@ -23,6 +23,11 @@ enum class CacheMode {
 // "writethrough"/"unsafe" -> writeback).
 Result<CacheMode> ParseCacheMode(const std::string& name);
 
+// How space for a grown range is reserved (qemu-img's preallocation= for create and resize;
+// file-posix's truncate modes for plain files).
+enum class Preallocation { kOff, kMetadata, kFalloc, kFull };
+const char* PreallocationName(Preallocation p);  // "off", "metadata", "falloc", "full"
+
 class File {
  public:
   ~File();
@@ -52,6 +57,11 @@ class File {
   Task<Status> ReadZeroPadded(std::span<std::byte> buf, uint64_t offset);
   Task<Status> WriteAt(std::span<const std::byte> buf, uint64_t offset);
   Task<Status> Sync();  // fdatasync
+  // Sets the file length as QEMU's file-posix truncate does: growing with kFalloc allocates
+  // the new range (posix_fallocate), with kFull writes zeros over it, otherwise leaves a hole
+  // (kMetadata means kOff for a plain file). A file grown from empty gets its first block
+  // written, as QEMU does, so that alignment probing sees data.
+  Task<Status> Truncate(uint64_t length, Preallocation mode = Preallocation::kOff);
 
   // Current file length (fstat).
   Result<uint64_t> Size() const;

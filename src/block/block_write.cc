@@ -219,6 +219,10 @@ Task<Status> BlockDevice::Discard(uint64_t offset, uint64_t length) {
   co_return Status::Ok();
 }
 
+Task<Status> BlockDevice::Resize(uint64_t new_size, Preallocation prealloc) {
+  co_return co_await top_->Resize(new_size, prealloc);
+}
+
 Task<Status> BlockDevice::Flush() { co_return co_await top_->Flush(); }
 
 Task<Status> BlockDevice::Close() { co_return co_await top_->Close(); }

@@ -157,39 +157,6 @@ Result<std::unique_ptr<File>> CreateFile(const std::string& path) {
   return File::Adopt(path, fd, /*writable=*/true, /*direct=*/false);
 }
 
-// QEMU writes the first block of a file it grows from empty so that alignment probing on
-// later opens sees allocated data (file-posix allocate_first_block); failures do not matter.
-void AllocateFirstBlock(File* f, uint64_t size) {
-  static const char zeros[4096] = {};
-  (void)!::pwrite(f->fd(), zeros, size < sizeof(zeros) ? 512 : sizeof(zeros), 0);
-}
-
-// Grows a file from `from` (its length) to `to` as file-posix's truncate does for each mode.
-Task<Status> GrowFile(File* f, uint64_t from, uint64_t to, Preallocation mode) {
-  if (to <= from) co_return Status::Ok();
-  if (mode == Preallocation::kFalloc) {
-    int err = ::posix_fallocate(f->fd(), static_cast<off_t>(from), static_cast<off_t>(to - from));
-    if (err != 0) co_return Status::FromErrno(err, "Could not preallocate new data");
-    if (from == 0) AllocateFirstBlock(f, to);
-    co_return Status::Ok();
-  }
-  if (::ftruncate(f->fd(), static_cast<off_t>(to)) != 0) {
-    co_return Status::FromErrno(errno, "Could not resize file");
-  }
-  if (mode != Preallocation::kFull) {
-    if (from == 0) AllocateFirstBlock(f, to);
-    co_return Status::Ok();
-  }
-  const std::vector<std::byte> zeros(std::min<uint64_t>(to - from, 1 << 20));
-  for (uint64_t at = from; at < to;) {
-    const uint64_t n = std::min<uint64_t>(zeros.size(), to - at);
-    Status s = co_await f->WriteAt(std::span(zeros).first(n), at);
-    if (!s.ok()) co_return s.WithContext("Could not write zeros for preallocation");
-    at += n;
-  }
-  co_return Status::Ok();
-}
-
 Task<Status> WriteZeros(File* f, uint64_t offset, uint64_t length) {
   const std::vector<std::byte> zeros(length);
   co_return co_await f->WriteAt(zeros, offset);
@@ -203,7 +170,7 @@ Task<Status> WriteQcow2(File* f, const Layout& layout, const LayoutParams& param
                         const std::vector<uint8_t>& cluster0) {
   if (!params.external_data) {
     QK_CO_RETURN_IF_ERROR(
-        co_await GrowFile(f, layout.grow_from, layout.grow_to, params.preallocation));
+        co_await f->Truncate(layout.grow_to, params.preallocation));
   }
   if (!params.external_data && layout.tail_length) {
     QK_CO_RETURN_IF_ERROR(co_await WriteZeros(f, layout.tail_offset, layout.tail_length));
@@ -267,7 +234,7 @@ Task<Status> CreateQcow2(CreateOptions o) {
         s = co_await WriteZeros(data->get(), layout->tail_offset, layout->tail_length);
       }
       if (s.ok()) {
-        s = co_await GrowFile(data->get(), layout->data_grow_from, layout->data_grow_to, mode);
+        s = co_await data->get()->Truncate(layout->data_grow_to, mode);
       }
       if (s.ok()) s = co_await (*data)->Sync();
     }
@@ -287,7 +254,7 @@ Task<Status> CreateRaw(const CreateOptions& o) {
   if (!o.size) co_return Status::Invalid("Image creation needs a size parameter");
   if (*o.size > INT64_MAX) co_return TooLarge("raw");
   QK_CO_ASSIGN_OR_RETURN(auto file, CreateFile(o.filename));
-  Status s = co_await GrowFile(file.get(), 0, RoundUp512(*o.size), o.preallocation);
+  Status s = co_await file.get()->Truncate(RoundUp512(*o.size), o.preallocation);
   if (s.ok()) s = co_await file->Sync();
   if (!s.ok()) ::unlink(o.filename.c_str());
   if (s.code() == EFBIG) co_return TooLarge("raw");

@@ -167,19 +167,6 @@ Status EnumError(const std::string& param, const std::string& value) {
 
 }  // namespace
 
-const char* PreallocationName(Preallocation p) {
-  switch (p) {
-    case Preallocation::kOff:
-      return "off";
-    case Preallocation::kMetadata:
-      return "metadata";
-    case Preallocation::kFalloc:
-      return "falloc";
-    case Preallocation::kFull:
-      return "full";
-  }
-  return "?";
-}
 
 std::optional<std::string> OptionValue(const OptionList& list, const std::string& name) {
   const std::string* v = Find(list, name);

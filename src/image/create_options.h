@@ -15,12 +15,11 @@
 #include <vector>
 
 #include "format/header.h"
+#include "qcow2kit/file.h"
 #include "qcow2kit/status.h"
 
 namespace qcow2kit {
 
-enum class Preallocation { kOff, kMetadata, kFalloc, kFull };
-const char* PreallocationName(Preallocation p);  // "off", "metadata", "falloc", "full"
 
 // What CreateImage makes. Defaults are qemu-img 7.2's.
 struct CreateOptions {

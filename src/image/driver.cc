@@ -43,6 +43,10 @@ Task<Status> FormatDriver::Commit(std::span<const MappingUpdate>) {
   co_return Status::Unsupported(std::string(format_name()) + ": mapping changes not supported");
 }
 
+Task<Status> FormatDriver::Resize(uint64_t, Preallocation) {
+  co_return Status::Unsupported(std::string(format_name()) + ": resize not supported");
+}
+
 Task<Status> FormatDriver::Flush() {
   for (uint8_t i = 0; i < 2; ++i) {
     if (File* f = file(i); f && f->writable()) QK_CO_RETURN_IF_ERROR(co_await f->Sync());

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "fmt/format.h"
 #include "qcow2kit/buffer.h"
@@ -207,6 +208,47 @@ Result<std::pair<bool, uint64_t>> File::ProbeHole(uint64_t offset, uint64_t len)
   off_t hole = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
   if (hole < 0 || static_cast<uint64_t>(hole) <= offset) return std::make_pair(false, len);
   return std::make_pair(false, std::min<uint64_t>(len, hole - offset));
+}
+
+const char* PreallocationName(Preallocation p) {
+  switch (p) {
+    case Preallocation::kOff:
+      return "off";
+    case Preallocation::kMetadata:
+      return "metadata";
+    case Preallocation::kFalloc:
+      return "falloc";
+    case Preallocation::kFull:
+      return "full";
+  }
+  return "?";
+}
+
+Task<Status> File::Truncate(uint64_t length, Preallocation mode) {
+  auto old = Size();
+  if (!old.ok()) co_return old.status();
+  const uint64_t from = *old;
+  if (length > from && mode == Preallocation::kFalloc) {
+    int err = ::posix_fallocate(fd_, static_cast<off_t>(from), static_cast<off_t>(length - from));
+    if (err != 0) co_return Status::FromErrno(err, "Could not preallocate new data");
+  } else if (::ftruncate(fd_, static_cast<off_t>(length)) != 0) {
+    co_return Status::FromErrno(errno, "Could not resize file");
+  }
+  if (length <= from) co_return Status::Ok();
+  if (mode == Preallocation::kFull) {
+    const std::vector<std::byte> zeros(std::min<uint64_t>(length - from, 1 << 20));
+    for (uint64_t at = from; at < length;) {
+      const uint64_t n = std::min<uint64_t>(zeros.size(), length - at);
+      Status s = co_await WriteAt(std::span(zeros).first(n), at);
+      if (!s.ok()) co_return s.WithContext("Could not write zeros for preallocation");
+      at += n;
+    }
+  } else if (from == 0) {
+    // file-posix allocate_first_block; failures do not matter.
+    static const char zeros[4096] = {};
+    (void)!::pwrite(fd_, zeros, length < sizeof(zeros) ? 512 : sizeof(zeros), 0);
+  }
+  co_return Status::Ok();
 }
 
 }  // namespace qcow2kit
