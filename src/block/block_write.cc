@@ -220,7 +220,29 @@ Task<Status> BlockDevice::Discard(uint64_t offset, uint64_t length) {
 }
 
 Task<Status> BlockDevice::Resize(uint64_t new_size, Preallocation prealloc) {
-  co_return co_await top_->Resize(new_size, prealloc);
+  FormatDriver* d = top_.get();
+  const uint64_t old_size = d->size();
+  QK_CO_RETURN_IF_ERROR(co_await d->Resize(new_size, prealloc));
+  if (new_size <= old_size) co_return Status::Ok();
+  // The grown range must read as zeros. Two things could show through: bytes left past the
+  // old end in its last cluster (by an earlier shrink), and a backing file longer than the
+  // old size (QEMU zeroes the whole grown range then, and so do we).
+  uint64_t zero_end = old_size;
+  const uint64_t tail_end = std::min(AlignUp(old_size, d->cluster_size()), new_size);
+  if (tail_end > old_size) {
+    AlignedBuffer tail(tail_end - old_size);
+    QK_CO_RETURN_IF_ERROR(co_await Read(old_size, tail.span()));
+    const auto bytes = tail.span();
+    if (std::any_of(bytes.begin(), bytes.end(), [](std::byte b) { return b != std::byte{0}; })) {
+      zero_end = tail_end;
+    }
+  }
+  if (d->backing()) zero_end = new_size;
+  if (zero_end > old_size) {
+    QK_CO_RETURN_IF_ERROR(co_await WriteZeroes(old_size, zero_end - old_size,
+                                               /*may_unmap=*/prealloc == Preallocation::kOff));
+  }
+  co_return co_await Flush();
 }
 
 Task<Status> BlockDevice::Flush() { co_return co_await top_->Flush(); }

@@ -65,7 +65,6 @@ class ModelTest : public ::testing::TestWithParam<ModelCase> {
 };
 
 TEST_P(ModelTest, RandomOperationsMatchTheModel) {
-  const uint64_t size = model_.size();
   std::mt19937_64 rng(std::hash<std::string>{}(GetParam().name));
   auto pick_len = [&](uint64_t max) {
     uint64_t kinds[] = {1, 512, 4096, 65536, 3 * 65536 + 100, 1 << 20};
@@ -73,12 +72,14 @@ TEST_P(ModelTest, RandomOperationsMatchTheModel) {
     if (rng() % 3 == 0) n = 1 + rng() % n;
     return std::min(n, max);
   };
+  const uint64_t initial_size = model_.size();
   for (int step = 0; step < GetParam().steps; ++step) {
+    const uint64_t size = model_.size();
     uint64_t off = rng() % size;
     if (rng() % 2) off = off / 512 * 512;
     uint64_t len = pick_len(size - off);
     std::string what;
-    switch (rng() % 10) {
+    switch (rng() % 11) {
       case 0: case 1: case 2: case 3: case 4: {
         std::vector<std::byte> data(len, std::byte(1 + step % 250));
         for (uint64_t i = 0; i < len; i += 97) data[i] = std::byte(rng());
@@ -115,11 +116,25 @@ TEST_P(ModelTest, RandomOperationsMatchTheModel) {
         what = "reopen";
         Reopen();
         break;
+      case 10: {
+        // Shrink or grow by up to half the starting size (grown ranges read as zeros).
+        const uint64_t new_size =
+            std::max<uint64_t>(512, (initial_size / 2 + rng() % initial_size) / 512 * 512);
+        what = "resize to " + std::to_string(new_size);
+        Status s = reactor_->BlockOn(dev_->Resize(new_size));
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        ASSERT_EQ(dev_->size(), new_size);
+        model_.resize(new_size, std::byte{0});
+        off = std::min(off, new_size - 1);
+        len = std::min(len, new_size - off);
+        if (rng() % 2) Reopen();
+        break;
+      }
     }
     uint64_t lo = off >= 70000 ? off - 70000 : 0;
-    CheckRange(lo, std::min<uint64_t>(size - lo, len + 140000), what);
+    CheckRange(lo, std::min<uint64_t>(model_.size() - lo, len + 140000), what);
   }
-  CheckRange(0, size, "all steps");
+  CheckRange(0, model_.size(), "all steps");
   ASSERT_TRUE(reactor_->BlockOn(dev_->Close()).ok());
   dev_.reset();
   {

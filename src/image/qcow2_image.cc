@@ -126,6 +126,7 @@ Task<Status> Qcow2Image::LoadSnapshots() {
     snapshots_.push_back(std::move(snap));
     pos += entry_size;
   }
+  snapshot_table_bytes_ = pos - h.snapshots_offset;
   co_return Status::Ok();
 }
 
@@ -374,9 +375,9 @@ Task<FormatDriver::HostHoles> Qcow2Image::ProbeHostHoles() {
 Task<Status> Qcow2Image::PrepareForWriting() {
   format::Header& h = parsed_.header;
   if (h.dirty()) {
-    co_return Status::Unsupported(
-        "Image is dirty (not cleanly closed with lazy refcounts); repairing it on a "
-        "read-write open is not supported yet: run 'qemu-img check -r all' first");
+    // Left dirty by a crash with lazy refcounts: repair before anything else is written.
+    Status s = co_await RepairRefcounts();
+    if (!s.ok()) co_return s.WithContext("Could not repair the dirty image");
   }
   // Autoclear bits we do not maintain are cleared before the first write, as the spec asks.
   // That includes "bitmaps": we do not update persistent bitmaps, so after our writes QEMU

@@ -50,6 +50,8 @@ class Qcow2Image final : public FormatDriver {
   const std::vector<format::Snapshot>& snapshots() const { return snapshots_; }
   const std::vector<format::BitmapInfo>& bitmaps() const { return bitmaps_; }
   const MetadataCache& l2_cache() const { return *l2_cache_; }
+  // Refcounts corrected when a dirty image was repaired at open (0 if it was clean).
+  uint64_t repaired_refcounts() const { return repaired_refcounts_; }
 
   // ---- Write side (qcow2_alloc.cc, qcow2_commit.cc, qcow2_flush.cc) ----
   uint64_t write_granule() const override { return geometry_.subcluster_size(); }
@@ -58,6 +60,7 @@ class Qcow2Image final : public FormatDriver {
   Task<Result<uint64_t>> Reserve(uint64_t guest_offset, uint64_t length, uint8_t* file_index,
                                  uint64_t* reserved) override;
   Task<Status> Commit(std::span<const MappingUpdate> updates) override;
+  Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
   Task<Status> Flush() override;
   Task<Status> Close() override;
   bool has_backing() const { return parsed_.backing_file.has_value(); }
@@ -106,6 +109,19 @@ class Qcow2Image final : public FormatDriver {
   Task<Result<uint8_t*>> L2SliceForUpdate(uint64_t offset);
   Task<Status> CommitCluster(const MappingUpdate& u, uint64_t cluster_guest);
 
+  // -- repair (qcow2_repair.cc) --
+  class ReferenceCounter;
+  // Recomputes every refcount of a dirty (lazy refcounts) image and clears the dirty bit.
+  Task<Status> RepairRefcounts();
+  Task<Status> CountTableReferences(uint64_t l1_offset, uint64_t l1_size, bool active,
+                                    ReferenceCounter& counter);
+
+  // -- resize (qcow2_resize.cc) --
+  Task<Status> WriteSize(uint64_t new_size);     // header size field, synced
+  Task<Status> GrowL1(uint64_t entries);         // a bigger L1 table; meta_lock_ held
+  Task<Status> Preallocate(uint64_t from, uint64_t to, Preallocation mode);
+  Task<Status> Shrink(uint64_t new_size);
+
   // -- writeback (qcow2_flush.cc) --
   Task<Status> FlushLocked(bool write_refcounts);
   Task<Status> WriteHeaderBytes(uint64_t offset, std::span<const uint8_t> bytes);
@@ -121,6 +137,7 @@ class Qcow2Image final : public FormatDriver {
   std::vector<uint64_t> l1_;
   std::vector<uint64_t> reftable_;
   std::vector<format::Snapshot> snapshots_;
+  uint64_t snapshot_table_bytes_ = 0;
   std::vector<format::BitmapInfo> bitmaps_;
   std::unique_ptr<MetadataCache> l2_cache_;
   std::unique_ptr<MetadataCache> refcount_cache_;
@@ -135,7 +152,8 @@ class Qcow2Image final : public FormatDriver {
   AsyncMutex meta_lock_;
   std::set<uint64_t> dirty_l1_;        // L1 indices changed since the last flush
   std::set<uint64_t> dirty_reftable_;  // refcount table indices changed since the last flush
-  uint64_t free_hint_ = 0;             // no free cluster below this index
+  uint64_t free_hint_ = 0;
+  uint64_t repaired_refcounts_ = 0;             // no free cluster below this index
   struct Release {
     uint64_t offset;
     uint64_t length;

@@ -20,4 +20,15 @@ Task<Status> RawImage::Fetch(uint64_t offset, uint64_t length, std::vector<Exten
   co_return Status::Ok();
 }
 
+Task<Status> RawImage::Resize(uint64_t new_size, Preallocation prealloc) {
+  if (!file_->writable()) co_return Status::Error(EROFS, "the image is opened read-only");
+  if (new_size < size_ && prealloc != Preallocation::kOff) {
+    co_return Status::Unsupported("Preallocation can't be used for shrinking an image");
+  }
+  const Preallocation mode = prealloc == Preallocation::kMetadata ? Preallocation::kOff : prealloc;
+  QK_CO_RETURN_IF_ERROR(co_await file_->Truncate(new_size, mode));
+  size_ = new_size;
+  co_return Status::Ok();
+}
+
 }  // namespace qcow2kit

@@ -18,6 +18,7 @@ class RawImage final : public FormatDriver {
   Task<Status> Fetch(uint64_t offset, uint64_t length, std::vector<Extent>* out) override;
   File* file(uint8_t index) const override { return index == 0 ? file_.get() : nullptr; }
   Task<HostHoles> ProbeHostHoles() override { co_return HostHoles::kZero; }
+  Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
 
  private:
   RawImage(std::unique_ptr<File> file, uint64_t size) : file_(std::move(file)), size_(size) {}
