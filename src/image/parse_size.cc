@@ -8,6 +8,14 @@ namespace qcow2kit {
 Result<uint64_t> ParseSize(const std::string& text) {
   auto bad = [&] { return Status::Invalid("Invalid size specified: '" + text + "'"); };
   if (text.empty() || text[0] == '-' || text[0] == '+') return bad();
+  if (text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X')) {
+    // Hexadecimal, as QEMU's qemu_strtosz accepts: whole bytes, no suffix.
+    char* hex_end = nullptr;
+    errno = 0;
+    const uint64_t v = std::strtoull(text.c_str() + 2, &hex_end, 16);
+    if (errno != 0 || hex_end == text.c_str() + 2 || *hex_end != '\0') return bad();
+    return v;
+  }
   char* end = nullptr;
   errno = 0;
   double value = std::strtod(text.c_str(), &end);
