@@ -4,7 +4,7 @@ ASAN_BUILD ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_GEN  := -G Ninja
 
-.PHONY: all deps build asan demo test test-fast test-asan bench format clean
+.PHONY: all deps build asan demo test test-fast test-asan bench crash-long format clean
 
 all: build
 
@@ -35,6 +35,13 @@ test: deps build asan
 
 test-fast: build
 	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
+
+# The long power-fail and fault-injection run (CI runs a short one): about 20 minutes.
+CRASH_CUTS   ?= 20000
+FAULT_POINTS ?= 400
+crash-long: deps build
+	@QCOW2KIT_CRASH_CUTS=$(CRASH_CUTS) QCOW2KIT_FAULT_POINTS=$(FAULT_POINTS) \
+	  $(BUILD)/unit_tests --gtest_filter='*CrashTest*' --gtest_brief=1
 
 bench: deps build
 	@python3 bench/bench_read.py --qcow2kit $(BUILD)/qcow2kit
