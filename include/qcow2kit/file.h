@@ -15,6 +15,8 @@
 
 namespace qcow2kit {
 
+class ImageLock;  // src/io/image_lock.h: QEMU-compatible image locks
+
 enum class CacheMode {
   kWriteback,  // page cache
   kNone,       // O_DIRECT
@@ -48,6 +50,8 @@ class File {
   int fd() const { return fd_; }
   bool writable() const { return writable_; }
   bool direct() const { return direct_; }
+  // Keeps `lock` (taken on this file's descriptor) until the file is closed.
+  void HoldLock(std::unique_ptr<ImageLock> lock);
 
   // Reads up to buf.size() bytes at `offset`; fewer only at end of file. Returns bytes read.
   Task<Result<size_t>> ReadAt(std::span<std::byte> buf, uint64_t offset);
@@ -81,6 +85,7 @@ class File {
   int fd_;
   bool writable_;
   bool direct_;
+  std::unique_ptr<ImageLock> lock_;
 };
 
 }  // namespace qcow2kit

@@ -20,7 +20,7 @@ namespace qcow2kit {
 struct OpenOptions {
   bool writable = false;
   CacheMode cache = CacheMode::kWriteback;
-  bool force_share = false;     // -U: take no image locks (read-only opens only)
+  bool force_share = false;     // -U: take and check no image locks; refused if writable
   std::string format;           // "qcow2", "raw", or "" to probe (qcow2 magic, else raw)
   // Policy for files an image names: an image may be hostile, so a caller can refuse to let
   // it open other files (as imago does). Refused backing files read as absent (zeros) is NOT
@@ -38,6 +38,22 @@ struct OpenOptions {
 // honoured, loops detected).
 Task<Result<std::unique_ptr<FormatDriver>>> OpenImage(const std::string& path,
                                                       const OpenOptions& options);
+
+// The part a file plays in an image: it decides which permissions its image locks claim.
+enum class ImageFileRole {
+  kQcow2,     // a qcow2 image (top or backing): its metadata must not change under us
+  kRaw,       // a raw image (top or backing)
+  kDataFile,  // the external data file of a qcow2 image
+};
+
+// Takes the byte-range locks QEMU (file-posix) takes on a file in `role`, opened read-only or
+// read-write as `file` is, and keeps them until the file is closed: while they are held QEMU
+// cannot open the image in a conflicting way, and taking them fails ("Failed to get shared
+// "write" lock ... Is another process using the image [PATH]?") while QEMU holds it so. With
+// `force_share` (-U) no locks are taken or checked; that is refused for a writable file.
+// OpenImage does this for every file it opens; code that opens an image file by hand calls it
+// before reading the file.
+Status LockImageFile(File& file, ImageFileRole role, bool force_share);
 
 // The path QEMU opens for backing name `name` of the image at `image_path` ("full backing
 // filename"): absolute names as they are, relative ones against the image's directory.

@@ -55,7 +55,8 @@ TEST_P(ConcurrencyTest, ConcurrentWritesAreNotLost) {
   o.writable = true;
   auto img = (*reactor)->BlockOn(OpenImage(dir / "img.qcow2", o));
   ASSERT_TRUE(img.ok()) << img.status().ToString();
-  BlockDevice dev(std::move(*img));
+  auto dev_owner = std::make_unique<BlockDevice>(std::move(*img));
+  BlockDevice& dev = *dev_owner;
 
   std::mt19937_64 rng(std::hash<std::string>{}(GetParam().name));
   const uint64_t lengths[] = {512, 4096, 6144, 65536, 100000};
@@ -100,6 +101,7 @@ TEST_P(ConcurrencyTest, ConcurrentWritesAreNotLost) {
   }
   Status s = (*reactor)->BlockOn(dev.Close());
   ASSERT_TRUE(s.ok()) << s.ToString();
+  dev_owner.reset();  // closes the files, dropping the image locks qemu-img below would meet
   {
     std::ofstream f(dir / "model.raw", std::ios::binary | std::ios::trunc);
     f.write(reinterpret_cast<const char*>(model.data()), model.size());

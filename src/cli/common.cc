@@ -12,7 +12,8 @@ void AddImageOptions(CLI::App* cmd, ImageOptions* o, bool with_cache) {
   if (with_cache) {
     cmd->add_option("-t,--cache", o->cache, "Cache mode: none or writeback (default)");
   }
-  cmd->add_flag("-U,--force-share", o->force_share, "Open without locks (read-only anyway)");
+  cmd->add_flag("-U,--force-share", o->force_share,
+                "Force shared access: take and check no image locks (read-only opens only)");
   cmd->add_option("--engine", o->engine, "I/O engine: auto, io_uring or sync");
 }
 

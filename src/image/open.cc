@@ -10,6 +10,7 @@
 #include "format/header.h"
 #include "image/qcow2_image.h"
 #include "image/raw_image.h"
+#include "io/image_lock.h"
 #include "qcow2kit/image.h"
 
 namespace qcow2kit {
@@ -32,6 +33,34 @@ Task<Result<std::string>> ProbeFormat(File* file) {
 }
 
 using FileId = std::pair<dev_t, ino_t>;
+
+constexpr const char* kForceShareWritable = "force-share=on can only be used with read-only images";
+
+// The permissions QEMU 7.2's block layer claims on the file-posix node under each role, as
+// bdrv_default_perms_for_storage (block.c) derives them for a qemu-img / qemu-io open:
+//  - a qcow2 image file is the format's metadata child: it needs consistent reads, may write
+//    and grow the file when writable, and never lets others write or resize it (qemu-io: bytes
+//    100 101 103 201 203; qemu-io -r, qemu-img map/check: 100 201 203);
+//  - a raw image passes its user's permissions through and a qemu-img / qemu-io user shares
+//    everything (qemu-io: 100 101; -r: 100);
+//  - a data file is a data child: writing may grow it, and only resizing is denied to others
+//    (qemu-io: 100 101 103 203; -r: 100 203).
+// Backing files are opened read-only, so they lock as read-only images of their format.
+LockPerms PermsFor(ImageFileRole role, bool writable) {
+  uint8_t held = kPermConsistentRead;
+  switch (role) {
+    case ImageFileRole::kQcow2:
+      if (writable) held |= kPermWrite | kPermResize;
+      return {held, kPermWrite | kPermResize};
+    case ImageFileRole::kRaw:
+      if (writable) held |= kPermWrite;
+      return {held, 0};
+    case ImageFileRole::kDataFile:
+      if (writable) held |= kPermWrite | kPermResize;
+      return {held, kPermResize};
+  }
+  return {held, 0};
+}
 
 Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
                                                       const std::string& format_hint,
@@ -62,6 +91,7 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
     QK_CO_ASSIGN_OR_RETURN(format, co_await ProbeFormat(file.get()));
   }
   if (format == "raw") {
+    QK_CO_RETURN_IF_ERROR(LockImageFile(*file, ImageFileRole::kRaw, options.force_share));
     QK_CO_ASSIGN_OR_RETURN(auto raw, RawImage::Open(std::move(file)));
     co_return std::unique_ptr<FormatDriver>(std::move(raw));
   }
@@ -69,6 +99,8 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
     co_return Status::Unsupported(fmt::format("Unknown or unsupported format '{}'", format));
   }
 
+  // Before the driver reads the header: what it reads must not be changing under it.
+  QK_CO_RETURN_IF_ERROR(LockImageFile(*file, ImageFileRole::kQcow2, options.force_share));
   auto opened = co_await Qcow2Image::Open(std::move(file), options);
   if (!opened.ok()) co_return opened.status();
   std::unique_ptr<Qcow2Image> img = std::move(*opened);
@@ -83,6 +115,8 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
     std::string data_path = ResolveRelative(path, *ph.data_file);
     auto df = File::Open(data_path, writable, options.cache);
     if (!df.ok()) co_return df.status().WithContext("Could not open data file");
+    Status locked = LockImageFile(**df, ImageFileRole::kDataFile, options.force_share);
+    if (!locked.ok()) co_return locked.WithContext("Could not open data file");
     img->set_data_file(std::move(*df));
   }
 
@@ -106,12 +140,31 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
 
 }  // namespace
 
+Status LockImageFile(File& file, ImageFileRole role, bool force_share) {
+  if (force_share) {
+    if (file.writable()) return Status::Invalid(kForceShareWritable);
+    return Status::Ok();
+  }
+  if (role == ImageFileRole::kDataFile && file.writable()) {
+    // QEMU attaches a data file before the write permissions of its users reach it, so it
+    // claims the read-only permissions first. Check those first too, so that a conflict is
+    // reported as qemu-img reports it (shared "resize" rather than "resize").
+    auto first = ImageLock::Acquire(file.fd(), file.path(), PermsFor(role, false));
+    if (!first.ok()) return first.status();
+  }  // dropped here, before the full claim: one ImageLock per open file description
+  auto lock = ImageLock::Acquire(file.fd(), file.path(), PermsFor(role, file.writable()));
+  if (!lock.ok()) return lock.status();
+  file.HoldLock(std::move(*lock));
+  return Status::Ok();
+}
+
 std::string ResolveBackingName(const std::string& image_path, const std::string& name) {
   return ResolveRelative(image_path, name);
 }
 
 Task<Result<std::unique_ptr<FormatDriver>>> OpenImage(const std::string& path,
                                                       const OpenOptions& options) {
+  if (options.force_share && options.writable) co_return Status::Invalid(kForceShareWritable);
   std::set<FileId> seen;
   std::vector<std::string> chain;
   co_return co_await OpenLayer(path, options.format, options, &seen, &chain, 0);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "fmt/format.h"
+#include "io/image_lock.h"
 #include "qcow2kit/buffer.h"
 #include "qcow2kit/reactor.h"
 
@@ -39,6 +40,8 @@ File::File(std::string path, int fd, bool writable, bool direct)
 File::~File() {
   if (fd_ >= 0) ::close(fd_);
 }
+
+void File::HoldLock(std::unique_ptr<ImageLock> lock) { lock_ = std::move(lock); }
 
 namespace {
 Result<std::unique_ptr<File>> OpenWithFlags(const std::string& path, int flags, CacheMode cache,

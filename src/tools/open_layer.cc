@@ -23,12 +23,14 @@ Task<Result<std::unique_ptr<FormatDriver>>> Open(const std::string& path,
     format = *got == 4 && format::LoadBE32(magic) == format::kMagic ? "qcow2" : "raw";
   }
   if (format == "raw") {
+    QK_CO_RETURN_IF_ERROR(LockImageFile(*file, ImageFileRole::kRaw, options.force_share));
     QK_CO_ASSIGN_OR_RETURN(auto raw, RawImage::Open(std::move(file)));
     co_return std::unique_ptr<FormatDriver>(std::move(raw));
   }
   if (format != "qcow2") {
     co_return Status::Unsupported("Unknown or unsupported format '" + format + "'");
   }
+  QK_CO_RETURN_IF_ERROR(LockImageFile(*file, ImageFileRole::kQcow2, options.force_share));
   auto img = co_await Qcow2Image::Open(std::move(file), options);
   if (!img.ok()) co_return img.status();
   co_return std::unique_ptr<FormatDriver>(std::move(*img));
