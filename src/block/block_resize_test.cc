@@ -111,6 +111,20 @@ TEST_F(ResizeTest, ShrinkDropsTheTailAndTruncatesTheFile) {
      "| grep -q verification && exit 1 || true");
 }
 
+TEST_F(ResizeTest, ShrinkKeepsSnapshotData) {
+  Sh("qemu-img create -q -f qcow2 img.qcow2 16M");
+  Sh("qemu-io -c 'write -P 0x55 0 16M' img.qcow2 >/dev/null");
+  Sh("qemu-img snapshot -c snap img.qcow2");
+  ASSERT_TRUE(Resize("img.qcow2", 1 << 20).ok());
+  ExpectClean("img.qcow2");
+  ASSERT_TRUE(Resize("img.qcow2", 16 << 20).ok());
+  ExpectClean("img.qcow2");
+  Sh("qemu-io -c 'read -P 0x55 0 1M' -c 'read -P 0 1M 15M' img.qcow2 "
+     "| grep -q verification && exit 1 || true");
+  Sh("qemu-img convert -l snap -O raw img.qcow2 snap.raw");
+  Sh("qemu-io -f raw -c 'read -P 0x55 0 16M' snap.raw | grep -q verification && exit 1 || true");
+}
+
 TEST_F(ResizeTest, GrownRangeHidesALongerBackingFile) {
   Sh("qemu-img create -q -f qcow2 base.qcow2 8M");
   Sh("qemu-io -c 'write -P 0x44 0 8M' base.qcow2 >/dev/null");

@@ -226,7 +226,7 @@ Task<Status> BlockDevice::Resize(uint64_t new_size, Preallocation prealloc) {
   if (new_size <= old_size) co_return Status::Ok();
   // The grown range must read as zeros. Two things could show through: bytes left past the
   // old end in its last cluster (by an earlier shrink), and a backing file longer than the
-  // old size (QEMU zeroes the whole grown range then, and so do we).
+  // old size (QEMU then zeroes the whole grown range, and so do we).
   uint64_t zero_end = old_size;
   const uint64_t tail_end = std::min(AlignUp(old_size, d->cluster_size()), new_size);
   if (tail_end > old_size) {
@@ -237,7 +237,7 @@ Task<Status> BlockDevice::Resize(uint64_t new_size, Preallocation prealloc) {
       zero_end = tail_end;
     }
   }
-  if (d->backing()) zero_end = new_size;
+  if (d->backing() && d->backing()->size() > old_size) zero_end = new_size;
   if (zero_end > old_size) {
     QK_CO_RETURN_IF_ERROR(co_await WriteZeroes(old_size, zero_end - old_size,
                                                /*may_unmap=*/prealloc == Preallocation::kOff));

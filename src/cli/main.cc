@@ -1,6 +1,9 @@
 // qcow2kit: the command-line front end. Parses the global options, dispatches to the chosen
 // subcommand, and turns parse errors into qemu-img style messages.
+#include <algorithm>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "cli/commands.h"
 
@@ -27,8 +30,11 @@ int main(int argc, char** argv) {
   AddReadCommand(cli);
   AddBenchCommand(cli);
   AddCreateCommand(cli);
+  AddWriteCommand(cli);
+  AddResizeCommand(cli);
 
   // The first word that is not an option must name a command.
+  std::vector<std::string> args(argv + 1, argv + argc);
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--engine") {
@@ -40,11 +46,13 @@ int main(int argc, char** argv) {
     if (subs.empty()) {
       return UsageError("Unknown command '" + arg + "'", "");
     }
+    if (arg == "resize") ProtectResizeSize(args, static_cast<size_t>(i - 1));
     break;
   }
 
   try {
-    cli.app.parse(argc, argv);
+    std::reverse(args.begin(), args.end());  // CLI11 takes them last first
+    cli.app.parse(args);
   } catch (const CLI::CallForHelp& e) {
     return cli.app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {

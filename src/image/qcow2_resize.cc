@@ -142,14 +142,12 @@ Task<Status> Qcow2Image::Preallocate(uint64_t from, uint64_t to, Preallocation m
 }
 
 Task<Status> Qcow2Image::Shrink(uint64_t new_size) {
-  if (!snapshots_.empty()) {
-    co_return Status::Unsupported("Can't shrink an image which has internal snapshots");
-  }
   const uint64_t cs = geometry_.cluster_size();
   const uint64_t coverage = geometry_.l2_coverage();
   const uint64_t keep_l1 = DivRoundUp(new_size, coverage);
   // Unmap every whole cluster past the new end (a partial last cluster stays; the block
-  // layer zeroes its tail if the image grows again).
+  // layer zeroes its tail if the image grows again). Tables shared with a snapshot are copied
+  // first, so the snapshot keeps its data and the active tree drops its references.
   const uint64_t start = DivRoundUp(new_size, cs) * cs;
   for (uint64_t i = start / coverage; i < l1_.size(); ++i) {
     if (format::L1EntryOffset(l1_[i]) == 0) continue;
