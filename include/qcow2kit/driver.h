@@ -60,11 +60,17 @@ class FormatDriver {
   class RangeGuard;
   virtual Task<std::unique_ptr<RangeGuard>> LockRange(uint64_t offset, uint64_t length);
   // Contiguous host space for up to `length` bytes (whole clusters) of guest data at
-  // `guest_offset` (cluster aligned): returns the host offset, in file(*file_index), and in
-  // `*reserved` how many bytes it covers (at least one cluster). Not visible to readers
+  // `guest_offset` (cluster aligned), covering at least one cluster. Not visible to readers
   // until committed.
-  virtual Task<Result<uint64_t>> Reserve(uint64_t guest_offset, uint64_t length,
-                                         uint8_t* file_index, uint64_t* reserved);
+  struct Reservation {
+    uint64_t host_offset = 0;
+    uint64_t length = 0;     // bytes reserved
+    uint8_t file_index = 0;  // file(file_index) holds the space
+    // The space is known to read as zeros (never written: past the end of the file), so
+    // zeros need not be written into it.
+    bool reads_zeros = false;
+  };
+  virtual Task<Result<Reservation>> Reserve(uint64_t guest_offset, uint64_t length);
   // Applies mapping updates (see MappingUpdate). Clusters that lose their last reference are
   // freed once the change is durable and no I/O issued under the old mapping is in flight.
   virtual Task<Status> Commit(std::span<const MappingUpdate> updates);

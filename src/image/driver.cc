@@ -35,7 +35,7 @@ Task<std::unique_ptr<FormatDriver::RangeGuard>> FormatDriver::LockRange(uint64_t
   co_return std::make_unique<RangeGuard>();
 }
 
-Task<Result<uint64_t>> FormatDriver::Reserve(uint64_t, uint64_t, uint8_t*, uint64_t*) {
+Task<Result<FormatDriver::Reservation>> FormatDriver::Reserve(uint64_t, uint64_t) {
   co_return Status::Unsupported(std::string(format_name()) + ": allocation is not supported");
 }
 

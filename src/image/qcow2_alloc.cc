@@ -82,6 +82,7 @@ Task<Status> Qcow2Image::UpdateRefcounts(uint64_t offset, uint64_t length, int64
     }
     uint64_t now = old + delta;
     format::SetRefcount(bytes, index % entries_per_slice, g.refcount_order, now);
+    if (delta > 0) unwritten_from_ = std::max(unwritten_from_, host + cs);
     if (now == 0 && c < free_hint_) free_hint_ = c;
   }
   co_return Status::Ok();
@@ -110,6 +111,7 @@ Task<Status> Qcow2Image::EnsureRefblock(uint64_t ti) {
                       refcount_geometry_.refcount_order, 1);
   reftable_[ti] = block;
   dirty_reftable_.insert(ti);
+  unwritten_from_ = std::max(unwritten_from_, block + cs);
   co_return Status::Ok();
 }
 

@@ -47,22 +47,25 @@ Task<std::unique_ptr<FormatDriver::RangeGuard>> Qcow2Image::LockRange(uint64_t o
   co_return std::unique_ptr<RangeGuard>(std::move(held));
 }
 
-Task<Result<uint64_t>> Qcow2Image::Reserve(uint64_t guest_offset, uint64_t length,
-                                           uint8_t* file_index, uint64_t* reserved) {
+Task<Result<FormatDriver::Reservation>> Qcow2Image::Reserve(uint64_t guest_offset,
+                                                             uint64_t length) {
   const uint64_t cs = geometry_.cluster_size();
   const uint64_t clusters = (length + cs - 1) / cs;
+  Reservation r;
   if (geometry_.has_data_file) {
     // Guest data lives at the same offset in the data file and is not refcounted.
-    *file_index = 1;
-    *reserved = clusters * cs;
-    co_return guest_offset & ~(cs - 1);
+    r.file_index = 1;
+    r.length = clusters * cs;
+    r.host_offset = guest_offset & ~(cs - 1);
+    co_return r;
   }
-  *file_index = 0;
   auto guard = co_await meta_lock_.Lock();
   uint64_t got = 0;
-  auto host = co_await AllocateClusters(clusters, &got);
-  *reserved = got * cs;
-  co_return host;
+  const uint64_t unwritten_from = unwritten_from_;
+  QK_CO_ASSIGN_OR_RETURN(r.host_offset, co_await AllocateClusters(clusters, &got));
+  r.length = got * cs;
+  r.reads_zeros = r.host_offset >= unwritten_from;
+  co_return r;
 }
 
 Task<Result<uint8_t*>> Qcow2Image::L2SliceForUpdate(uint64_t offset) {

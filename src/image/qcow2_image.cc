@@ -47,6 +47,8 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
   }
   std::unique_ptr<Qcow2Image> img(new Qcow2Image(std::move(file), std::move(parsed)));
   img->file_size_ = file_size;
+  const uint64_t cs = img->geometry_.cluster_size();
+  img->unwritten_from_ = (file_size + cs - 1) / cs * cs;
   QK_CO_RETURN_IF_ERROR(co_await img->LoadTables(options));
   QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots());
   QK_CO_RETURN_IF_ERROR(co_await img->LoadBitmaps());

@@ -57,8 +57,7 @@ class Qcow2Image final : public FormatDriver {
   uint64_t write_granule() const override { return geometry_.subcluster_size(); }
   uint64_t cluster_size() const override { return geometry_.cluster_size(); }
   Task<std::unique_ptr<RangeGuard>> LockRange(uint64_t offset, uint64_t length) override;
-  Task<Result<uint64_t>> Reserve(uint64_t guest_offset, uint64_t length, uint8_t* file_index,
-                                 uint64_t* reserved) override;
+  Task<Result<Reservation>> Reserve(uint64_t guest_offset, uint64_t length) override;
   Task<Status> Commit(std::span<const MappingUpdate> updates) override;
   Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
   Task<Status> Flush() override;
@@ -152,7 +151,10 @@ class Qcow2Image final : public FormatDriver {
   AsyncMutex meta_lock_;
   std::set<uint64_t> dirty_l1_;        // L1 indices changed since the last flush
   std::set<uint64_t> dirty_reftable_;  // refcount table indices changed since the last flush
-  uint64_t free_hint_ = 0;
+  uint64_t free_hint_ = 0;  // no free cluster below this index
+  // Host clusters from here on have never been written since open (they lay past the end of
+  // the file and nothing was allocated there), so they read as zeros.
+  uint64_t unwritten_from_ = 0;
   uint64_t repaired_refcounts_ = 0;             // no free cluster below this index
   struct Release {
     uint64_t offset;

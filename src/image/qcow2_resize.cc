@@ -112,12 +112,11 @@ Task<Status> Qcow2Image::Preallocate(uint64_t from, uint64_t to, Preallocation m
       continue;
     }
     const uint64_t run = DivRoundUp(run_end, cs) * cs - c;
-    uint8_t file_index = 0;
-    uint64_t reserved = 0;
-    QK_CO_ASSIGN_OR_RETURN(uint64_t host, co_await Reserve(c, run, &file_index, &reserved));
-    File* f = file(file_index);
+    QK_CO_ASSIGN_OR_RETURN(Reservation r, co_await Reserve(c, run));
+    const uint64_t host = r.host_offset, reserved = r.length;
+    File* f = file(r.file_index);
     // Reused free space may hold old data: the new range must read zeros.
-    if (host < host_end && !geometry_.has_data_file) {
+    if (host < host_end && !r.reads_zeros && !geometry_.has_data_file) {
       static const std::vector<std::byte> kZeros(1 << 20);
       for (uint64_t at = host; at < std::min(host_end, host + reserved);) {
         const uint64_t n = std::min<uint64_t>(kZeros.size(), std::min(host_end, host + reserved) - at);
