@@ -85,14 +85,14 @@ Task<Result<uint8_t*>> Qcow2Image::L2SliceForUpdate(uint64_t offset) {
     // before the L1 entry that points at it.
     QK_CO_ASSIGN_OR_RETURN(uint64_t fresh, co_await AllocateClusters(1));
     for (uint64_t s = 0; s < cs; s += slice_bytes_) {
-      const uint8_t* src = nullptr;
-      if (table != 0) {
-        auto r = co_await l2_cache_->Get(table + s);
-        if (!r.ok()) co_return r.status();
-        src = *r;
-      }
+      // The new slice first: it is dirty, so fetching the old one cannot evict it (while the
+      // old one could be evicted by creating the new one).
       uint8_t* dst = l2_cache_->CreateZeroed(fresh + s);
-      if (src) std::memcpy(dst, src, slice_bytes_);
+      if (table != 0) {
+        auto src = co_await l2_cache_->Get(table + s);
+        if (!src.ok()) co_return src.status();
+        std::memcpy(dst, *src, slice_bytes_);
+      }
     }
     if (table != 0) ReleaseLater(table, cs, /*metadata=*/true);
     table = fresh;
