@@ -29,7 +29,8 @@ class ModelTest : public ::testing::TestWithParam<ModelCase> {
   void SetUp() override {
     reactor_ = std::move(*Reactor::Create());
     for (const auto& cmd : GetParam().setup) testing::MustRun("cd " + dir_.path() + " && " + cmd);
-    testing::MustRun("cd " + dir_.path() + " && qemu-img convert -O raw img.qcow2 model.raw");
+    testing::MustRun("cd " + dir_.path() +
+                     " && qemu-img convert -O raw img.qcow2 model.raw && cp model.raw initial.raw");
     auto bytes = testing::ReadWholeFile(dir_ / "model.raw");
     model_.assign(reinterpret_cast<std::byte*>(bytes.data()),
                   reinterpret_cast<std::byte*>(bytes.data()) + bytes.size());
@@ -147,6 +148,17 @@ TEST_P(ModelTest, RandomOperationsMatchTheModel) {
   rc = testing::Run("cd " + dir_.path() + " && qemu-img compare -f raw -F qcow2 model.raw img.qcow2",
                     &out);
   EXPECT_EQ(rc, 0) << out;
+  // A snapshot taken before the steps still reads as the image did then.
+  if (testing::Run("cd " + dir_.path() + " && qemu-img snapshot -l img.qcow2 | grep -q snap") ==
+      0) {
+    rc = testing::Run("cd " + dir_.path() +
+                          " && qemu-img convert -l snap -O raw img.qcow2 snap.raw && "
+                          // qemu-img reads a snapshot at the image's current size
+                          "n=$(stat -c %s snap.raw) && m=$(stat -c %s initial.raw) && "
+                          "{ [ $n -lt $m ] || n=$m; } && cmp -n $n initial.raw snap.raw",
+                      &out);
+    EXPECT_EQ(rc, 0) << out;
+  }
 }
 
 std::vector<ModelCase> Cases() {
@@ -177,6 +189,11 @@ std::vector<ModelCase> Cases() {
        0, 120},
       {"DataFile", {"qemu-img create -q -f qcow2 -o data_file=img.data img.qcow2 6M", fill}, 0,
        100},
+      // Every cluster and L2 table shared with an internal snapshot: copy-on-write of both.
+      {"InternalSnapshot",
+       {"qemu-img create -q -f qcow2 -o cluster_size=4k img.qcow2 6M", fill,
+        "qemu-img snapshot -c snap img.qcow2"},
+       0, 120},
       {"CompressedStart",
        {"head -c 3000000 /dev/urandom > r.raw && base64 r.raw | head -c 3000000 >> r.raw",
         "qemu-img convert -c -O qcow2 -f raw r.raw img.qcow2"},
