@@ -1,13 +1,15 @@
 // The write path against a flat in-memory model: random writes, write-zeroes, discards,
-// flushes and reopens on images of many option combinations made by qemu-img. After every
-// step what qcow2kit reads equals the model; at the end qemu-img check finds no errors or
-// leaks and qemu-img compare finds the image equal to the model.
+// flushes, reopens and resizes on images of many option combinations made by qemu-img.
+// After every step what qcow2kit reads equals the model; at the end qemu-img check finds no
+// errors or leaks, qemu-img compare finds the image equal to the model, and every range
+// qemu-img map reports as zero is zero in the model.
 #include <fstream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "qcow2kit/block.h"
 #include "qcow2kit/image.h"
 #include "qcow2kit/reactor.h"
@@ -148,6 +150,22 @@ TEST_P(ModelTest, RandomOperationsMatchTheModel) {
   rc = testing::Run("cd " + dir_.path() + " && qemu-img compare -f raw -F qcow2 model.raw img.qcow2",
                     &out);
   EXPECT_EQ(rc, 0) << out;
+  // qemu-img map agrees on zero versus data: every range it reports as zero is zero.
+  rc = testing::Run("cd " + dir_.path() + " && qemu-img map --output=json img.qcow2", &out);
+  ASSERT_EQ(rc, 0) << out;
+  auto map = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_TRUE(map.is_array()) << out;
+  uint64_t covered = 0;
+  for (const auto& e : map) {
+    const uint64_t start = e["start"], length = e["length"];
+    ASSERT_EQ(start, covered);
+    covered += length;
+    if (!e["zero"].get<bool>()) continue;
+    for (uint64_t i = start; i < start + length; ++i) {
+      ASSERT_EQ(model_[i], std::byte{0}) << "qemu-img map says zero at " << i;
+    }
+  }
+  EXPECT_EQ(covered, model_.size());
   // A snapshot taken before the steps still reads as the image did then.
   if (testing::Run("cd " + dir_.path() + " && qemu-img snapshot -l img.qcow2 | grep -q snap") ==
       0) {
