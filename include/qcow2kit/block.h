@@ -8,6 +8,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qcow2kit/driver.h"
@@ -29,6 +30,9 @@ struct BlockStatusExtent {
   const File* file = nullptr;         // the file `offset` refers to
 };
 
+// Guest ranges {offset, length} that read as zeros, in ascending order.
+using ZeroRuns = std::vector<std::pair<uint64_t, uint64_t>>;
+
 class BlockDevice {
  public:
   explicit BlockDevice(std::unique_ptr<FormatDriver> top);
@@ -39,14 +43,21 @@ class BlockDevice {
 
   // Reads buf.size() bytes at `offset`; the range must lie inside the image.
   Task<Status> Read(uint64_t offset, std::span<std::byte> buf);
+  // Like Read, but ranges known to read as zeros without any I/O (zero clusters, unallocated
+  // ranges with no backing data) are appended to `zeros` and left unfilled in `buf`. For
+  // exports that send holes instead of zero bytes. `zeros` is not cleared first.
+  Task<Status> ReadSparse(uint64_t offset, std::span<std::byte> buf, ZeroRuns* zeros);
 
   // Writes buf.size() bytes at `offset` (inside the image). Clusters owned only by this
   // image are written in place; others are allocated with copy-on-write of what the write
   // does not cover. With `fua` the write is durable when this returns.
   Task<Status> Write(uint64_t offset, std::span<const std::byte> buf, bool fua = false);
   // Makes [offset, offset + length) read as zeros. With `may_unmap`, whole clusters may be
-  // deallocated (zero flag without a host cluster) instead of keeping their space.
-  Task<Status> WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap, bool fua = false);
+  // deallocated (zero flag without a host cluster) instead of keeping their space. With
+  // `no_fallback`, fails with ENOTSUP, changing nothing, if that would mean writing zero
+  // bytes (partial clusters, formats without a zero flag) instead of recording zeros.
+  Task<Status> WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap, bool fua = false,
+                           bool no_fallback = false);
   // Discards whole clusters in the range (partial ones are left alone), as QEMU does: v3
   // images (and any image with a backing file) read zeros afterwards, v2 images without a
   // backing file read zeros too (the cluster is deallocated).

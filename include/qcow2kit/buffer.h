@@ -13,6 +13,17 @@ namespace qcow2kit {
 
 inline constexpr size_t kIoAlignment = 4096;
 
+// True if every byte of `b` is zero (memcmp against a zero block is vectorised).
+inline bool IsAllZero(std::span<const std::byte> b) {
+  static const std::byte kZeros[4096] = {};
+  while (!b.empty()) {
+    size_t n = b.size() < sizeof(kZeros) ? b.size() : sizeof(kZeros);
+    if (std::memcmp(b.data(), kZeros, n) != 0) return false;
+    b = b.subspan(n);
+  }
+  return true;
+}
+
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;

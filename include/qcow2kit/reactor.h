@@ -19,11 +19,22 @@
 
 namespace qcow2kit {
 
-enum class IoOp : uint8_t { kRead, kWrite, kFdatasync, kFsync };
+enum class IoOp : uint8_t {
+  kRead,       // pread: buf, len, offset
+  kWrite,      // pwrite: buf, len, offset
+  kFdatasync,
+  kFsync,
+  kAccept,   // fd = listening socket; result = the new socket (close-on-exec) or -errno
+  kRecv,     // recv into buf/len with msg_flags; result = bytes, 0 at end of stream
+  kSendMsg,  // buf = const msghdr*; MSG_NOSIGNAL is added; result = bytes sent (may be short)
+  kPollIn,   // completes when fd is readable (result = revents)
+};
+inline constexpr size_t kIoOpCount = 8;
 
 // One request in flight. The issuer owns it (usually in a coroutine frame) until completion.
 struct IoRequest {
   IoOp op = IoOp::kRead;
+  uint32_t msg_flags = 0;  // kRecv / kSendMsg
   int fd = -1;
   void* buf = nullptr;
   uint32_t len = 0;
@@ -45,6 +56,9 @@ class Engine {
   virtual size_t Poll(bool wait) = 0;
   // Requests submitted and not yet completed.
   virtual size_t in_flight() const = 0;
+  // Asks for an in-flight request to end early (best effort, used for socket waits). It still
+  // completes through Poll(), with -ECANCELED if it was cancelled before finishing.
+  virtual void Cancel(IoRequest* req) = 0;
 };
 
 enum class EngineKind {
@@ -57,6 +71,7 @@ enum class EngineKind {
 Result<EngineKind> ParseEngineKind(const std::string& name);
 
 Result<std::unique_ptr<Engine>> MakeUringEngine(unsigned queue_entries);
+// File I/O blocks inside Submit(); socket operations and kPollIn wait in poll() inside Poll().
 std::unique_ptr<Engine> MakeSyncEngine();
 
 // Runs coroutines on the calling thread. Tasks are started by Spawn() (detached) or BlockOn()

@@ -6,15 +6,32 @@
 
 namespace qcow2kit {
 
-// Reads [offset, offset + buf.size()) of `layer`; what lies past its end reads as zeros.
-Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte> buf) {
+namespace {
+
+// Zero-fills `part` (guest range starting at `guest`), or records it in `zeros`.
+void FillZeros(std::span<std::byte> part, uint64_t guest, ZeroRuns* zeros) {
+  if (part.empty()) return;
+  if (!zeros) {
+    std::memset(part.data(), 0, part.size());
+  } else if (!zeros->empty() && zeros->back().first + zeros->back().second == guest) {
+    zeros->back().second += part.size();
+  } else {
+    zeros->emplace_back(guest, part.size());
+  }
+}
+
+}  // namespace
+
+Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte> buf,
+                       ZeroRuns* zeros) {
   const uint64_t size = layer->size();
   if (offset >= size) {
-    std::memset(buf.data(), 0, buf.size());
+    FillZeros(buf, offset, zeros);
     co_return Status::Ok();
   }
+  std::span<std::byte> past_end;
   if (buf.size() > size - offset) {
-    std::memset(buf.data() + (size - offset), 0, buf.size() - (size - offset));
+    past_end = buf.subspan(size - offset);
     buf = buf.first(size - offset);
   }
   std::vector<Extent> extents;
@@ -37,13 +54,14 @@ Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte
           break;
         }
         case ExtentKind::kZero:
-          std::memset(part.data(), 0, n);
+          FillZeros(part, e.guest_offset, zeros);
           break;
         case ExtentKind::kUnallocated:
           if (layer->backing()) {
-            QK_CO_RETURN_IF_ERROR(co_await ReadLayer(layer->backing(), e.guest_offset, part));
+            QK_CO_RETURN_IF_ERROR(
+                co_await ReadLayer(layer->backing(), e.guest_offset, part, zeros));
           } else {
-            std::memset(part.data(), 0, n);
+            FillZeros(part, e.guest_offset, zeros);
           }
           break;
         case ExtentKind::kCompressed:
@@ -53,6 +71,7 @@ Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte
       pos = e.guest_offset + n;
     }
   }
+  FillZeros(past_end, offset + buf.size(), zeros);
   co_return Status::Ok();
 }
 
@@ -160,6 +179,13 @@ Task<Status> BlockDevice::Read(uint64_t offset, std::span<std::byte> buf) {
     co_return Status::Invalid("read past the end of the image");
   }
   co_return co_await ReadLayer(top_.get(), offset, buf);
+}
+
+Task<Status> BlockDevice::ReadSparse(uint64_t offset, std::span<std::byte> buf, ZeroRuns* zeros) {
+  if (offset > size() || buf.size() > size() - offset) {
+    co_return Status::Invalid("read past the end of the image");
+  }
+  co_return co_await ReadLayer(top_.get(), offset, buf, zeros);
 }
 
 Task<Status> BlockDevice::BlockStatus(uint64_t offset, uint64_t length,

@@ -150,6 +150,7 @@ class CountingEngine final : public Engine {
   }
   size_t Poll(bool wait) override { return inner_->Poll(wait); }
   size_t in_flight() const override { return inner_->in_flight(); }
+  void Cancel(IoRequest* req) override { inner_->Cancel(req); }
   int submitted = 0;
 
  private:

@@ -30,18 +30,14 @@ Task<Status> WriteZeroBytes(BlockDevice* dev, uint64_t offset, uint64_t length) 
 // Bytes in whole zero blocks at the start / end of `b` (blocks of 4 KiB, the direct-I/O
 // alignment, so the rest stays aligned).
 constexpr uint64_t kZeroBlock = 4096;
-bool IsZero(std::span<const std::byte> b) {  // b.size() <= kZeroBlock; memcmp is vectorised
-  static const std::byte kZeros[kZeroBlock] = {};
-  return std::memcmp(b.data(), kZeros, b.size()) == 0;
-}
 uint64_t ZeroBlocksAtStart(std::span<const std::byte> b) {
   uint64_t n = 0;
-  while (n + kZeroBlock <= b.size() && IsZero(b.subspan(n, kZeroBlock))) n += kZeroBlock;
+  while (n + kZeroBlock <= b.size() && IsAllZero(b.subspan(n, kZeroBlock))) n += kZeroBlock;
   return n;
 }
 uint64_t ZeroBlocksAtEnd(std::span<const std::byte> b) {
   uint64_t n = 0;
-  while (n + kZeroBlock <= b.size() && IsZero(b.subspan(b.size() - n - kZeroBlock, kZeroBlock))) {
+  while (n + kZeroBlock <= b.size() && IsAllZero(b.subspan(b.size() - n - kZeroBlock, kZeroBlock))) {
     n += kZeroBlock;
   }
   return n;
@@ -202,7 +198,7 @@ Task<Status> BlockDevice::Write(uint64_t offset, std::span<const std::byte> buf,
 }
 
 Task<Status> BlockDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap,
-                                      bool fua) {
+                                      bool fua, bool no_fallback) {
   if (offset > size() || length > size() - offset) {
     co_return Status::Invalid("write-zeroes past the end of the image");
   }
@@ -211,6 +207,9 @@ Task<Status> BlockDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may
   const uint64_t end = offset + length;
   const uint64_t a = AlignUp(offset, g);
   const uint64_t b = end == size() ? end : AlignDown(end, g);
+  if (no_fallback && length > 0 && (offset != a || end != b || a >= b)) {
+    co_return Status::Unsupported("zeroing a partial cluster would write data");
+  }
   bool recorded = false;
   if (a < b) {
     auto guard = co_await d->LockRange(a, b - a);
@@ -222,7 +221,7 @@ Task<Status> BlockDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may
     Status s = co_await d->Commit(std::span(&u, 1));
     if (s.ok()) {
       recorded = true;
-    } else if (s.code() != ENOTSUP) {
+    } else if (s.code() != ENOTSUP || no_fallback) {
       co_return s;
     }
   }

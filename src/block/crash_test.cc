@@ -657,6 +657,7 @@ class SyncDroppingEngine final : public Engine {
   }
   size_t Poll(bool wait) override { return inner_->Poll(wait); }
   size_t in_flight() const override { return inner_->in_flight(); }
+  void Cancel(IoRequest* req) override { inner_->Cancel(req); }
 
  private:
   std::unique_ptr<Engine> inner_;

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   AddCreateCommand(cli);
   AddWriteCommand(cli);
   AddResizeCommand(cli);
+  AddServeCommand(cli);
 
   // The first word that is not an option must name a command.
   std::vector<std::string> args(argv + 1, argv + argc);

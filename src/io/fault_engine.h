@@ -42,6 +42,7 @@ class FaultInjectionEngine final : public Engine {
   bool Submit(IoRequest* req) override;
   size_t Poll(bool wait) override { return inner_->Poll(wait); }
   size_t in_flight() const override { return inner_->in_flight(); }
+  void Cancel(IoRequest* req) override { inner_->Cancel(req); }
 
   // Adds a rule; its ordinal counting starts now. Returns an id for fired() / RemoveRule().
   size_t AddRule(const FaultRule& rule);
@@ -72,8 +73,8 @@ class FaultInjectionEngine final : public Engine {
 
   std::unique_ptr<Engine> inner_;
   std::vector<ActiveRule> rules_;
-  std::array<uint64_t, 4> seen_{};
-  std::array<uint64_t, 4> failed_{};
+  std::array<uint64_t, kIoOpCount> seen_{};
+  std::array<uint64_t, kIoOpCount> failed_{};
 };
 
 }  // namespace qcow2kit

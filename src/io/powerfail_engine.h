@@ -75,6 +75,8 @@ class PowerFailRecorder final : public Engine {
   bool Submit(IoRequest* req) override;
   size_t Poll(bool wait) override { return inner_->Poll(wait); }
   size_t in_flight() const override { return inner_->in_flight(); }
+  // Only untracked descriptors (sockets) are cancelled; tracked files are never waited on.
+  void Cancel(IoRequest* req) override { inner_->Cancel(req); }
 
   // Starts tracking `fd` (named `path` in messages): snapshots its current content as the
   // initial state. Fails if it is already tracked or cannot be read.

@@ -321,6 +321,7 @@ class ManualEngine final : public Engine {
   }
   size_t Poll(bool) override { return 0; }
   size_t in_flight() const override { return queue_.size(); }
+  void Cancel(IoRequest*) override {}
   // Performs and completes the queued request at position `i`.
   void Complete(size_t i) {
     IoRequest* req = queue_[i];

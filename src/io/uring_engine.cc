@@ -1,6 +1,8 @@
 // The io_uring engine. Submit() only queues an SQE; Poll() sends everything queued in one
 // io_uring_submit (batching all requests issued since the last loop turn) and completes CQEs.
 #include <liburing.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 #include <cerrno>
 #include <cstring>
@@ -31,20 +33,10 @@ class UringEngine final : public Engine {
   const char* name() const override { return "io_uring"; }
 
   bool Submit(IoRequest* req) override {
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    io_uring_sqe* sqe = GetSqe();
     if (!sqe) {
-      // Submission queue full: hand what is queued to the kernel and retry.
-      io_uring_submit(&ring_);
-      sqe = io_uring_get_sqe(&ring_);
-      if (!sqe) {
-        // Still full (completion queue backpressure): complete some requests first.
-        Poll(true);
-        sqe = io_uring_get_sqe(&ring_);
-      }
-      if (!sqe) {
-        req->result = -EAGAIN;
-        return true;
-      }
+      req->result = -EAGAIN;
+      return true;
     }
     switch (req->op) {
       case IoOp::kRead:
@@ -59,11 +51,32 @@ class UringEngine final : public Engine {
       case IoOp::kFsync:
         io_uring_prep_fsync(sqe, req->fd, 0);
         break;
+      case IoOp::kAccept:
+        io_uring_prep_accept(sqe, req->fd, nullptr, nullptr, SOCK_CLOEXEC);
+        break;
+      case IoOp::kRecv:
+        io_uring_prep_recv(sqe, req->fd, req->buf, req->len, static_cast<int>(req->msg_flags));
+        break;
+      case IoOp::kSendMsg:
+        io_uring_prep_sendmsg(sqe, req->fd, static_cast<const msghdr*>(req->buf),
+                              req->msg_flags | MSG_NOSIGNAL);
+        break;
+      case IoOp::kPollIn:
+        io_uring_prep_poll_add(sqe, req->fd, POLLIN);
+        break;
     }
     io_uring_sqe_set_data(sqe, req);
     ++in_flight_;
     ++unsubmitted_;
     return false;
+  }
+
+  void Cancel(IoRequest* req) override {
+    io_uring_sqe* sqe = GetSqe();
+    if (!sqe) return;  // best effort
+    io_uring_prep_cancel(sqe, req, 0);
+    io_uring_sqe_set_data(sqe, nullptr);  // its own completion is skipped in Poll()
+    ++unsubmitted_;
   }
 
   size_t Poll(bool wait) override {
@@ -77,12 +90,16 @@ class UringEngine final : public Engine {
     unsigned head;
     IoRequest* batch[64];
     size_t n = 0;
+    unsigned seen = 0;
     io_uring_for_each_cqe(&ring_, head, cqe) {
-      batch[n++] = static_cast<IoRequest*>(io_uring_cqe_get_data(cqe));
-      batch[n - 1]->result = cqe->res;
+      ++seen;
+      auto* req = static_cast<IoRequest*>(io_uring_cqe_get_data(cqe));
+      if (!req) continue;  // completion of a Cancel()
+      req->result = cqe->res;
+      batch[n++] = req;
       if (n == 64) break;
     }
-    io_uring_cq_advance(&ring_, static_cast<unsigned>(n));
+    io_uring_cq_advance(&ring_, seen);
     in_flight_ -= n;
     for (size_t i = 0; i < n; ++i) {
       batch[i]->waiter.resume();
@@ -95,6 +112,20 @@ class UringEngine final : public Engine {
 
  private:
   UringEngine() = default;
+
+  io_uring_sqe* GetSqe() {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    if (sqe) return sqe;
+    // Submission queue full: hand what is queued to the kernel and retry.
+    io_uring_submit(&ring_);
+    unsubmitted_ = 0;
+    sqe = io_uring_get_sqe(&ring_);
+    if (sqe) return sqe;
+    // Still full (completion queue backpressure): complete some requests first.
+    Poll(true);
+    return io_uring_get_sqe(&ring_);
+  }
+
   io_uring ring_{};
   bool initialized_ = false;
   size_t in_flight_ = 0;

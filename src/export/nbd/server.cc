@@ -1,0 +1,114 @@
+#include "export/nbd/server.h"
+
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+#include "export/nbd/handshake.h"
+#include "export/nbd/session.h"
+#include "export/nbd/transport.h"
+
+namespace qcow2kit::nbd {
+
+struct Server::Connection {
+  explicit Connection(int fd) : transport(fd), in(&transport) {}
+  PlainTransport transport;
+  InputBuffer in;
+  Session* session = nullptr;  // set once the handshake chose an export
+};
+
+Server::Server(std::vector<Export> exports, int listen_fd, ServerOptions options)
+    : exports_(std::move(exports)), listen_fd_(listen_fd), options_(options) {}
+
+Server::~Server() = default;
+
+void Server::Shutdown() {
+  if (stopping_) return;
+  stopping_ = true;
+  accept_token_.Cancel();
+  signal_token_.Cancel();
+  for (Connection* c : live_) {
+    if (c->session) {
+      c->session->Stop();
+    } else {
+      c->transport.CancelRecv();
+    }
+  }
+  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+}
+
+namespace {
+
+// Suspends the caller, leaving its handle in *slot for whoever resumes it.
+struct ParkIn {
+  std::coroutine_handle<>* slot;
+  bool await_ready() const noexcept { return false; }
+  void await_suspend(std::coroutine_handle<> h) noexcept { *slot = h; }
+  void await_resume() const noexcept {}
+};
+
+}  // namespace
+
+Task<void> Server::WatchSignals() {
+  Status s = co_await WaitReadable(options_.signal_fd, &signal_token_);
+  if (s.ok() && !stopping_) {
+    signalfd_siginfo info;
+    (void)!::read(options_.signal_fd, &info, sizeof(info));
+    Shutdown();
+  }
+  signal_watch_done_ = true;
+  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+}
+
+Task<Status> Server::Serve() {
+  if (options_.signal_fd >= 0) {
+    signal_watch_done_ = false;
+    Reactor::Current()->Spawn(WatchSignals());
+  }
+  Status result;
+  while (!stopping_) {
+    if (options_.max_connections > 0 && connections_ >= options_.max_connections) {
+      // At the limit, further clients wait in the listen backlog (as with qemu-nbd).
+      co_await ParkIn{&serve_waiter_};
+      continue;
+    }
+    Result<int> fd = co_await Accept(listen_fd_, &accept_token_);
+    if (!fd.ok()) {
+      if (stopping_) break;
+      int e = fd.status().code();
+      if (e == ECONNABORTED || e == EINTR || e == EPROTO) continue;
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+        // Out of descriptors or memory: wait for a connection to end, then try again.
+        if (connections_ > 0) co_await ParkIn{&serve_waiter_};
+        continue;
+      }
+      result = fd.status().WithContext("accepting connections");
+      Shutdown();
+      break;
+    }
+    ++connections_;
+    Reactor::Current()->Spawn(ServeConnection(*fd));
+  }
+  while (connections_ > 0 || !signal_watch_done_) co_await ParkIn{&serve_waiter_};
+  co_return result;
+}
+
+Task<void> Server::ServeConnection(int fd) {
+  Connection conn(fd);
+  live_.insert(&conn);
+  auto negotiated = co_await Handshake(&conn.transport, &conn.in, exports_);
+  if (negotiated.ok() && negotiated->has_value() && !stopping_) {
+    Session session(&conn.transport, &conn.in, **negotiated);
+    conn.session = &session;
+    co_await session.Run();
+    conn.session = nullptr;
+  }
+  live_.erase(&conn);
+  --connections_;
+  if (!options_.persistent && connections_ == 0) Shutdown();
+  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+}
+
+}  // namespace qcow2kit::nbd
