@@ -4,9 +4,10 @@
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config
       liburing-dev zlib1g-dev libdeflate-dev libzstd-dev
-      libfmt-dev nlohmann-json3-dev libcli11-dev libssl-dev
+      libfmt-dev nlohmann-json3-dev libcli11-dev libssl-dev libgnutls28-dev
       libgtest-dev libgmock-dev libbenchmark-dev
-      qemu-utils python3 util-linux)
+      qemu-utils python3 util-linux
+      libnbd-bin nbdkit fio gnutls-bin fuse3 e2fsprogs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 
+#include "qcow2kit/async_mutex.h"
 #include "qcow2kit/status.h"
 #include "qcow2kit/task.h"
 
@@ -86,6 +87,9 @@ class File {
   bool writable_;
   bool direct_;
   std::unique_ptr<ImageLock> lock_;
+  // Read-modify-writes of partial blocks (direct I/O) go one at a time: two of them in one
+  // block would each write back the other's old bytes.
+  AsyncMutex bounce_mutex_;
 };
 
 }  // namespace qcow2kit

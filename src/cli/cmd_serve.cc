@@ -1,6 +1,6 @@
 // qcow2kit serve: exports an image over NBD, with qemu-nbd's option names. Defaults favour
-// speed with durability: direct I/O (falling back to the page cache where the file system
-// has no O_DIRECT) on io_uring.
+// speed with durability: direct I/O (the page cache where the file system has no O_DIRECT)
+// on io_uring.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -36,12 +36,14 @@ struct ServeArgs {
   bool read_only = false;
   bool persistent = false;
   int shared = 1;
-  std::string cache;  // empty: none, or writeback where O_DIRECT is unsupported
+  std::string cache = "none";  // File falls back to the page cache where O_DIRECT fails
   std::string aio = "io_uring";
   std::string discard = "ignore";
   std::string detect_zeroes = "off";
   std::string pid_file;
   bool fork = false;
+  std::string tls_creds;             // an --object id, or a credentials directory
+  std::vector<std::string> objects;  // --object tls-creds-x509,id=ID,dir=DIR,...
   CLI::Option* bind_opt = nullptr;
   CLI::Option* port_opt = nullptr;
 };
@@ -74,6 +76,57 @@ Result<int> OpenListener(const ServeArgs& a, bool* unlink_socket) {
   }
   if (a.port < 0 || a.port > 65535) return Status::Invalid(fmt::format("Invalid port '{}'", a.port));
   return ListenTcp(a.bind, static_cast<uint16_t>(a.port));
+}
+
+// Loads the credentials --tls-creds names: the id of an --object tls-creds-x509 (qemu-nbd's
+// way) or, as a shorthand, the credentials directory itself.
+Result<std::unique_ptr<nbd::TlsCredentials>> LoadTlsCredentials(const ServeArgs& a) {
+  for (const std::string& object : a.objects) {
+    std::string type, id, dir, endpoint = "server";
+    bool verify_peer = true;
+    size_t pos = 0;
+    for (bool first = true; pos <= object.size(); first = false) {
+      size_t comma = object.find(',', pos);
+      if (comma == std::string::npos) comma = object.size();
+      std::string item = object.substr(pos, comma - pos);
+      pos = comma + 1;
+      size_t eq = item.find('=');
+      std::string key = eq == std::string::npos ? item : item.substr(0, eq);
+      std::string value = eq == std::string::npos ? "" : item.substr(eq + 1);
+      if (first && eq == std::string::npos) {
+        type = item;
+      } else if (key == "qom-type") {
+        type = value;
+      } else if (key == "id") {
+        id = value;
+      } else if (key == "dir") {
+        dir = value;
+      } else if (key == "endpoint") {
+        endpoint = value;
+      } else if (key == "verify-peer") {
+        if (value != "on" && value != "off" && value != "yes" && value != "no") {
+          return Status::Invalid("Invalid verify-peer value '" + value + "' (on or off)");
+        }
+        verify_peer = value == "on" || value == "yes";
+      } else if (key != "priority" && key != "sanity-check") {
+        return Status::Invalid("Property '" + key + "' not found in object '" + object + "'");
+      }
+    }
+    if (type != "tls-creds-x509") {
+      return Status::Invalid("Unsupported object type '" + type + "' (tls-creds-x509)");
+    }
+    if (id != a.tls_creds) continue;
+    if (endpoint != "server") {
+      return Status::Invalid("Expecting TLS credentials with a server endpoint");
+    }
+    if (dir.empty()) return Status::Invalid("tls-creds-x509 object '" + id + "' has no dir");
+    return nbd::TlsCredentials::Load(dir, verify_peer);
+  }
+  struct stat st;
+  if (::stat(a.tls_creds.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    return nbd::TlsCredentials::Load(a.tls_creds, /*verify_peer=*/true);
+  }
+  return Status::Invalid("No TLS credentials with id '" + a.tls_creds + "'");
 }
 
 // --fork: the parent waits until the child serves (or failed) and exits with its status.
@@ -136,12 +189,18 @@ int RunServe(const Cli& cli, const ServeArgs& a) {
   if (exp.name.size() > nbd::kMaxStringLength || exp.description.size() > nbd::kMaxStringLength) {
     return UsageError("export name and description are limited to 4096 bytes", "serve");
   }
+  std::unique_ptr<nbd::TlsCredentials> tls;
+  if (!a.tls_creds.empty()) {
+    auto creds = LoadTlsCredentials(a);
+    if (!creds.ok()) return Fail(creds.status());
+    tls = std::move(*creds);
+  }
   auto engine = ParseEngineKind(a.aio);
   if (!engine.ok()) return UsageError(engine.status().message(), "serve");
   ImageOptions io;
   io.filename = a.image;
   io.format = a.format;
-  io.cache = a.cache.empty() ? "none" : a.cache;
+  io.cache = a.cache;
   auto open = ReadOnlyOpenOptions(io);
   if (!open.ok()) return Fail(open.status());
   open->writable = !a.read_only;
@@ -168,10 +227,6 @@ int RunServe(const Cli& cli, const ServeArgs& a) {
   if (!reactor.ok()) return Fail(reactor.status());
   Reactor& r = **reactor;
   auto img = r.BlockOn(tools::OpenImageChain(a.image, *open));
-  if (!img.ok() && a.cache.empty() && img.status().code() == EINVAL) {
-    open->cache = CacheMode::kWriteback;  // no O_DIRECT here (tmpfs, ...)
-    img = r.BlockOn(tools::OpenImageChain(a.image, *open));
-  }
   if (!img.ok()) return Fail(img.status());
   auto dev = std::make_unique<BlockDevice>(std::move(*img));
   exp.device = dev.get();
@@ -196,7 +251,8 @@ int RunServe(const Cli& cli, const ServeArgs& a) {
   nbd::Server server(std::move(exports), *listener,
                      {.persistent = a.persistent,
                       .max_connections = static_cast<unsigned>(a.shared),
-                      .signal_fd = sig_fd});
+                      .signal_fd = sig_fd,
+                      .tls = tls.get()});
   Status served = r.BlockOn(server.Serve());
   Status closed = r.BlockOn(dev->Close());
   dev.reset();
@@ -236,6 +292,12 @@ void AddServeCommand(Cli& cli) {
                   "off (default), on or unmap: turn all-zero writes into zero writes");
   cmd->add_option("--pid-file", a->pid_file, "Write the server's pid to this file");
   cmd->add_flag("--fork", a->fork, "Return once the server is ready, leaving it running");
+  cmd->add_option("--tls-creds", a->tls_creds,
+                  "Require TLS with these credentials: the id of an --object "
+                  "tls-creds-x509, or its directory (ca-cert.pem, server-cert.pem, "
+                  "server-key.pem)");
+  cmd->add_option("--object", a->objects,
+                  "tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]");
 }
 
 }  // namespace qcow2kit::cli

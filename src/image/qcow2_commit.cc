@@ -154,7 +154,9 @@ Task<Status> Qcow2Image::CommitCluster(const MappingUpdate& u, uint64_t cg) {
     kind = zero_flag || has_backing() ? MappingUpdate::Kind::kZero : MappingUpdate::Kind::kUnmap;
   }
   if (kind == MappingUpdate::Kind::kZero && !zero_flag) {
-    if (has_backing()) {
+    if (has_backing() || u.keep_host) {
+      // Without a zero flag, keeping the space means writing zeros into it (the caller's
+      // fallback), as QEMU does.
       co_return Status::Unsupported("zero clusters need a v3 (compat=1.1) image");
     }
     kind = MappingUpdate::Kind::kUnmap;  // v2 without backing: unallocated reads as zeros

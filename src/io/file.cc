@@ -145,6 +145,7 @@ Task<Status> File::ReadZeroPadded(std::span<std::byte> buf, uint64_t offset) {
 
 Task<Status> File::BounceWrite(std::span<const std::byte> buf, uint64_t offset) {
   // Read-modify-write of the aligned blocks around the request.
+  auto guard = co_await bounce_mutex_.Lock();
   uint64_t start = offset / kIoAlignment * kIoAlignment;
   uint64_t end = (offset + buf.size() + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
   auto old_size = Size();
@@ -155,10 +156,15 @@ Task<Status> File::BounceWrite(std::span<const std::byte> buf, uint64_t offset) 
   std::memcpy(bounce.data() + (offset - start), buf.data(), buf.size());
   auto w = co_await Transfer(true, bounce.data(), end - start, start);
   if (!w.ok()) co_return w.status();
-  // The block padding must not grow the file beyond what was asked for.
+  // The block padding must not grow the file beyond what was asked for; but a concurrent
+  // write that extended the file further must not be cut off either.
   uint64_t want = std::max<uint64_t>(*old_size, offset + buf.size());
-  if (end > want && ::ftruncate(fd_, static_cast<off_t>(want)) != 0) {
-    co_return Status::FromErrno(errno, "truncate '" + path_ + "'");
+  if (end > want) {
+    auto now = Size();
+    if (!now.ok()) co_return now.status();
+    if (*now == end && ::ftruncate(fd_, static_cast<off_t>(want)) != 0) {
+      co_return Status::FromErrno(errno, "truncate '" + path_ + "'");
+    }
   }
   co_return Status::Ok();
 }

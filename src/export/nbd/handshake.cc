@@ -40,8 +40,9 @@ class Reader {
 
 class Haggler {
  public:
-  Haggler(Transport* t, InputBuffer* in, const std::vector<Export>& exports)
-      : t_(t), in_(in), exports_(exports) {}
+  Haggler(std::unique_ptr<Transport>* t, InputBuffer* in, const std::vector<Export>& exports,
+          const TlsCredentials* tls)
+      : t_(t), in_(in), exports_(exports), tls_(tls) {}
 
   Task<Result<std::optional<Negotiated>>> Run();
 
@@ -55,10 +56,14 @@ class Haggler {
   Task<Status> InfoOrGo(uint32_t opt, std::span<const std::byte> data, const Export** chosen);
   Task<Status> MetaContext(uint32_t opt, std::span<const std::byte> data);
   Task<Status> List(uint32_t opt);
+  // Answers STARTTLS and runs the TLS handshake; an error drops the client.
+  Task<Status> StartTls();
 
-  Transport* t_;
+  std::unique_ptr<Transport>* t_;
   InputBuffer* in_;
   const std::vector<Export>& exports_;
+  const TlsCredentials* tls_;
+  bool tls_done_ = false;
   bool no_zeroes_ = false;
   Negotiated n_;
   const Export* context_export_ = nullptr;  // the export the last SET_META_CONTEXT named
@@ -70,7 +75,7 @@ Task<Status> Haggler::Reply(uint32_t opt, uint32_t type, std::span<const std::by
           static_cast<uint32_t>(data.size()));
   iovec iov[2] = {{head, sizeof(head)},
                   {const_cast<std::byte*>(data.data()), data.size()}};
-  co_return co_await t_->SendAll(std::span(iov, data.empty() ? 1 : 2));
+  co_return co_await (*t_)->SendAll(std::span(iov, data.empty() ? 1 : 2));
 }
 
 Task<Status> Haggler::SendExportInfo(uint32_t opt, uint16_t info, const Export& e) {
@@ -206,11 +211,27 @@ Task<Status> Haggler::List(uint32_t opt) {
   co_return co_await Reply(opt, kRepAck);
 }
 
+Task<Status> Haggler::StartTls() {
+  QK_CO_RETURN_IF_ERROR(co_await Reply(kOptStartTls, kRepAck));
+  std::vector<std::byte> early = in_->Switch(nullptr);
+  auto tls = TlsTransport::Create(*tls_, std::move(*t_), std::move(early));
+  if (!tls.ok()) co_return tls.status();
+  TlsTransport* raw = tls->get();
+  *t_ = std::move(*tls);
+  in_->Switch(raw);
+  QK_CO_RETURN_IF_ERROR(co_await raw->Handshake());
+  // Nothing negotiated in plain text survives TLS.
+  tls_done_ = true;
+  n_ = Negotiated();
+  context_export_ = nullptr;
+  co_return Status::Ok();
+}
+
 Task<Result<std::optional<Negotiated>>> Haggler::Run() {
   std::byte greeting[18];
   Store16(Store64(Store64(greeting, kNbdMagic), kOptMagic), kFlagFixedNewstyle | kFlagNoZeroes);
   iovec iov{greeting, sizeof(greeting)};
-  QK_CO_RETURN_IF_ERROR(co_await t_->SendAll(std::span(&iov, 1)));
+  QK_CO_RETURN_IF_ERROR(co_await (*t_)->SendAll(std::span(&iov, 1)));
 
   Status s = co_await in_->Need(4);
   if (!s.ok()) co_return std::optional<Negotiated>();  // closed before saying anything
@@ -221,6 +242,7 @@ Task<Result<std::optional<Negotiated>>> Haggler::Run() {
   }
   const bool fixed = client_flags & kClientFixedNewstyle;
   no_zeroes_ = client_flags & kClientNoZeroes;
+  if (tls_ && !fixed) co_return Drop("TLS requires fixed newstyle");
 
   for (;;) {
     s = co_await in_->Need(16);
@@ -237,6 +259,14 @@ Task<Result<std::optional<Negotiated>>> Haggler::Run() {
     }
     if (!fixed && opt != kOptExportName) {
       co_return Drop("option " + std::to_string(opt) + " without fixed newstyle");
+    }
+    if (tls_ && !tls_done_ && opt != kOptStartTls && opt != kOptAbort) {
+      // FORCEDTLS: nothing but STARTTLS and ABORT before TLS.
+      if (opt == kOptExportName) co_return Drop("export name requested before TLS");
+      QK_CO_RETURN_IF_ERROR(co_await in_->Skip(len));
+      QK_CO_RETURN_IF_ERROR(co_await Error(
+          opt, kRepErrTlsReqd, "TLS negotiation required before option " + std::to_string(opt)));
+      continue;
     }
     const bool known = opt == kOptExportName || opt == kOptAbort || opt == kOptList ||
                        opt == kOptStartTls || opt == kOptInfo || opt == kOptGo ||
@@ -266,7 +296,7 @@ Task<Result<std::optional<Negotiated>>> Haggler::Run() {
         std::byte reply[10 + 124] = {};
         Store16(Store64(reply, e->size()), e->TransmissionFlags(n_.structured_replies));
         iovec v{reply, no_zeroes_ ? size_t{10} : sizeof(reply)};
-        QK_CO_RETURN_IF_ERROR(co_await t_->SendAll(std::span(&v, 1)));
+        QK_CO_RETURN_IF_ERROR(co_await (*t_)->SendAll(std::span(&v, 1)));
         n_.exp = e;
         break;
       }
@@ -282,7 +312,15 @@ Task<Result<std::optional<Negotiated>>> Haggler::Run() {
         }
         break;
       case kOptStartTls:
-        QK_CO_RETURN_IF_ERROR(co_await Error(opt, kRepErrPolicy, "TLS not configured"));
+        if (!tls_) {
+          QK_CO_RETURN_IF_ERROR(co_await Error(opt, kRepErrPolicy, "TLS not configured"));
+        } else if (tls_done_) {
+          QK_CO_RETURN_IF_ERROR(co_await Error(opt, kRepErrInvalid, "TLS already negotiated"));
+        } else if (len != 0) {
+          QK_CO_RETURN_IF_ERROR(co_await Error(opt, kRepErrInvalid, "STARTTLS takes no data"));
+        } else {
+          QK_CO_RETURN_IF_ERROR(co_await StartTls());
+        }
         break;
       case kOptInfo:
       case kOptGo: {
@@ -317,9 +355,11 @@ Task<Result<std::optional<Negotiated>>> Haggler::Run() {
 
 }  // namespace
 
-Task<Result<std::optional<Negotiated>>> Handshake(Transport* transport, InputBuffer* in,
-                                                  const std::vector<Export>& exports) {
-  Haggler h(transport, in, exports);
+Task<Result<std::optional<Negotiated>>> Handshake(std::unique_ptr<Transport>* transport,
+                                                  InputBuffer* in,
+                                                  const std::vector<Export>& exports,
+                                                  const TlsCredentials* tls) {
+  Haggler h(transport, in, exports, tls);
   co_return co_await h.Run();
 }
 

@@ -2,10 +2,12 @@
 // the client picks an export with NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "export/nbd/export.h"
+#include "export/nbd/tls.h"
 #include "export/nbd/transport.h"
 #include "qcow2kit/status.h"
 #include "qcow2kit/task.h"
@@ -21,8 +23,12 @@ struct Negotiated {
 };
 
 // Runs the handshake. Returns nullopt if the client ended it politely (NBD_OPT_ABORT, or a
-// close); an error if the client broke the protocol and must be dropped.
-Task<Result<std::optional<Negotiated>>> Handshake(Transport* transport, InputBuffer* in,
-                                                  const std::vector<Export>& exports);
+// close); an error if the client broke the protocol and must be dropped. With `tls`, TLS is
+// required (the spec's FORCEDTLS): *transport is replaced by the TLS transport once the
+// client has asked for it with NBD_OPT_STARTTLS.
+Task<Result<std::optional<Negotiated>>> Handshake(std::unique_ptr<Transport>* transport,
+                                                  InputBuffer* in,
+                                                  const std::vector<Export>& exports,
+                                                  const TlsCredentials* tls);
 
 }  // namespace qcow2kit::nbd

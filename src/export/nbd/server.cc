@@ -13,8 +13,9 @@
 namespace qcow2kit::nbd {
 
 struct Server::Connection {
-  explicit Connection(int fd) : transport(fd), in(&transport) {}
-  PlainTransport transport;
+  explicit Connection(int fd)
+      : transport(std::make_unique<PlainTransport>(fd)), in(transport.get()) {}
+  std::unique_ptr<Transport> transport;  // becomes a TlsTransport after STARTTLS
   InputBuffer in;
   Session* session = nullptr;  // set once the handshake chose an export
 };
@@ -33,7 +34,7 @@ void Server::Shutdown() {
     if (c->session) {
       c->session->Stop();
     } else {
-      c->transport.CancelRecv();
+      c->transport->CancelRecv();
     }
   }
   if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
@@ -98,13 +99,14 @@ Task<Status> Server::Serve() {
 Task<void> Server::ServeConnection(int fd) {
   Connection conn(fd);
   live_.insert(&conn);
-  auto negotiated = co_await Handshake(&conn.transport, &conn.in, exports_);
+  auto negotiated = co_await Handshake(&conn.transport, &conn.in, exports_, options_.tls);
   if (negotiated.ok() && negotiated->has_value() && !stopping_) {
-    Session session(&conn.transport, &conn.in, **negotiated);
+    Session session(conn.transport.get(), &conn.in, **negotiated);
     conn.session = &session;
     co_await session.Run();
     conn.session = nullptr;
   }
+  co_await conn.transport->Close();
   live_.erase(&conn);
   --connections_;
   if (!options_.persistent && connections_ == 0) Shutdown();

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "export/nbd/export.h"
+#include "export/nbd/tls.h"
 #include "io/socket.h"
 #include "qcow2kit/status.h"
 #include "qcow2kit/task.h"
@@ -20,6 +21,7 @@ struct ServerOptions {
   bool persistent = false;  // -t: keep serving after the last client leaves
   unsigned max_connections = 1;  // -e; 0 = no limit
   int signal_fd = -1;       // a signalfd whose readiness means "shut down" (-1: none)
+  const TlsCredentials* tls = nullptr;  // set: clients must use TLS
 };
 
 class Server {

@@ -49,6 +49,14 @@ Task<Status> InputBuffer::ReadInto(std::span<std::byte> dst) {
   co_return co_await transport_->RecvExact(dst.subspan(from_buffer));
 }
 
+std::vector<std::byte> InputBuffer::Switch(Transport* transport) {
+  std::vector<std::byte> rest(buf_.begin() + static_cast<ptrdiff_t>(begin_),
+                              buf_.begin() + static_cast<ptrdiff_t>(end_));
+  begin_ = end_ = 0;
+  transport_ = transport;
+  return rest;
+}
+
 Task<Status> InputBuffer::Skip(uint64_t n) {
   while (n > 0) {
     if (available() == 0) {

@@ -28,6 +28,8 @@ class Transport {
   virtual Task<Status> SendAll(std::span<iovec> iov) = 0;
   // Ends a RecvSome that is waiting (used at shutdown).
   virtual void CancelRecv() = 0;
+  // Says goodbye at the protocol level before the socket closes (TLS close notify).
+  virtual Task<void> Close() = 0;
 };
 
 // A connected socket, owned (closed on destruction).
@@ -39,6 +41,7 @@ class PlainTransport final : public Transport {
   Task<Status> RecvExact(std::span<std::byte> buf) override;
   Task<Status> SendAll(std::span<iovec> iov) override;
   void CancelRecv() override { recv_token_.Cancel(); }
+  Task<void> Close() override { co_return; }
   int fd() const { return fd_; }
 
  private:
@@ -62,6 +65,9 @@ class InputBuffer {
   Task<Status> ReadInto(std::span<std::byte> dst);
   // Reads and throws away `n` bytes.
   Task<Status> Skip(uint64_t n);
+  // Hands over the bytes received and not consumed, and reads from `transport` from now on
+  // (when TLS starts).
+  std::vector<std::byte> Switch(Transport* transport);
 
  private:
   Transport* transport_;
