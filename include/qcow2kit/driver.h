@@ -4,7 +4,7 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
+#include <utility>
 #include <memory>
 #include <span>
 #include <string>
@@ -87,7 +87,10 @@ class FormatDriver {
   // Data I/O issued from a mapping is bracketed by these, so that freed host clusters are not
   // reused while I/O from an older mapping of them may still be in flight.
   uint64_t BeginIo() {
-    ++io_in_epoch_[epoch_];
+    if (io_in_epoch_.empty() || io_in_epoch_.back().first != epoch_) {
+      io_in_epoch_.emplace_back(epoch_, 0);
+    }
+    ++io_in_epoch_.back().second;
     return epoch_;
   }
   void EndIo(uint64_t epoch);
@@ -102,14 +105,16 @@ class FormatDriver {
   uint64_t NextEpoch() { return epoch_++; }
   // Whether any I/O of epoch <= `epoch` may still be in flight.
   bool IoInFlightUpTo(uint64_t epoch) const {
-    return !io_in_epoch_.empty() && io_in_epoch_.begin()->first <= epoch;
+    return !io_in_epoch_.empty() && io_in_epoch_.front().first <= epoch;
   }
 
   std::unique_ptr<FormatDriver> backing_;
 
  private:
   uint64_t epoch_ = 0;
-  std::map<uint64_t, uint64_t> io_in_epoch_;  // epoch -> I/Os in flight
+  // {epoch, I/Os in flight} for the epochs that have any, oldest first (a short list; a
+  // vector keeps its capacity, so the data path does not allocate).
+  std::vector<std::pair<uint64_t, uint64_t>> io_in_epoch_;
 };
 
 class FormatDriver::RangeGuard {

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <coroutine>
+#include <cstddef>
 #include <exception>
 #include <optional>
 #include <utility>
@@ -19,6 +20,13 @@ template <typename T>
 class Task;
 
 namespace detail {
+
+// Coroutine frames come from per-thread free lists of size classes: tasks start and end at a
+// high rate on the I/O path (several per request), and a task never changes threads. Large
+// frames, and every frame in sanitizer builds (so that ASan still sees use-after-free), use
+// the global allocator.
+void* AllocateFrame(std::size_t size);
+void FreeFrame(void* frame, std::size_t size) noexcept;
 
 struct FinalAwaiter {
   bool await_ready() const noexcept { return false; }
@@ -35,6 +43,9 @@ struct FinalAwaiter {
 };
 
 struct PromiseBase {
+  static void* operator new(std::size_t size) { return AllocateFrame(size); }
+  static void operator delete(void* frame, std::size_t size) noexcept { FreeFrame(frame, size); }
+
   std::coroutine_handle<> continuation;
   bool running_inline = false;    // started by an awaiter that has not returned yet
   bool completed_inline = false;  // finished before that awaiter returned

@@ -3,10 +3,12 @@
 
 #include "qcow2kit/block.h"
 #include "block/read_layer.h"
+#include "block/scratch_extents.h"
 
 namespace qcow2kit {
 
 namespace {
+
 
 // Zero-fills `part` (guest range starting at `guest`), or records it in `zeros`.
 void FillZeros(std::span<std::byte> part, uint64_t guest, ZeroRuns* zeros) {
@@ -34,7 +36,8 @@ Task<Status> ReadLayer(FormatDriver* layer, uint64_t offset, std::span<std::byte
     past_end = buf.subspan(size - offset);
     buf = buf.first(size - offset);
   }
-  std::vector<Extent> extents;
+  ScratchExtents scratch;
+  std::vector<Extent>& extents = scratch.get();
   uint64_t pos = offset;
   const uint64_t end = offset + buf.size();
   while (pos < end) {
@@ -94,7 +97,8 @@ void Emit(std::vector<BlockStatusExtent>* out, const BlockStatusExtent& x) {
 
 Task<Status> StatusLayer(FormatDriver* layer, uint32_t depth, uint64_t offset, uint64_t length,
                          std::vector<BlockStatusExtent>* out, bool probe_holes) {
-  std::vector<Extent> extents;
+  ScratchExtents scratch;
+  std::vector<Extent>& extents = scratch.get();
   const uint64_t end = offset + length;
   const auto holes =
       probe_holes ? co_await layer->ProbeHostHoles() : FormatDriver::HostHoles::kIgnore;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "block/read_layer.h"
+#include "block/scratch_extents.h"
 #include "qcow2kit/block.h"
 #include "qcow2kit/buffer.h"
 
@@ -96,7 +97,8 @@ Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t r
   // The mapping may have changed while we waited for the lock: look again.
   const uint64_t cstart = AlignDown(pos, cs);
   const uint64_t cend = std::min(AlignUp(run_end, cs), size);
-  std::vector<Extent> extents;
+  ScratchExtents scratch;
+  std::vector<Extent>& extents = scratch.get();
   QK_CO_RETURN_IF_ERROR(co_await d->Fetch(cstart, cend - cstart, &extents));
   AlignedBuffer buffer;
   for (const Extent& e : extents) {
@@ -169,7 +171,8 @@ Task<Status> BlockDevice::Write(uint64_t offset, std::span<const std::byte> buf,
   }
   FormatDriver* d = top_.get();
   const uint64_t end = offset + buf.size();
-  std::vector<Extent> extents;
+  ScratchExtents scratch;
+  std::vector<Extent>& extents = scratch.get();
   uint64_t pos = offset;
   while (pos < end) {
     extents.clear();

@@ -27,8 +27,11 @@ Task<Status> FormatDriver::ReadCompressed(const Extent&, uint64_t, std::span<std
 namespace qcow2kit {
 
 void FormatDriver::EndIo(uint64_t epoch) {
-  auto it = io_in_epoch_.find(epoch);
-  if (it != io_in_epoch_.end() && --it->second == 0) io_in_epoch_.erase(it);
+  for (auto it = io_in_epoch_.begin(); it != io_in_epoch_.end(); ++it) {
+    if (it->first != epoch) continue;
+    if (--it->second == 0) io_in_epoch_.erase(it);
+    return;
+  }
 }
 
 Task<std::unique_ptr<FormatDriver::RangeGuard>> FormatDriver::LockRange(uint64_t, uint64_t) {

@@ -11,6 +11,10 @@ thread_local Reactor* current_reactor = nullptr;
 // A detached coroutine that owns a spawned Task and keeps the reactor's task count.
 struct SpawnedTask {
   struct promise_type {
+    static void* operator new(std::size_t size) { return detail::AllocateFrame(size); }
+    static void operator delete(void* frame, std::size_t size) noexcept {
+      detail::FreeFrame(frame, size);
+    }
     SpawnedTask get_return_object() noexcept { return {}; }
     std::suspend_never initial_suspend() const noexcept { return {}; }
     std::suspend_never final_suspend() const noexcept { return {}; }
