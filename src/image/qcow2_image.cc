@@ -87,14 +87,21 @@ Task<Status> Qcow2Image::LoadTables(const OpenOptions& options) {
   }
   slice_bytes_ = static_cast<uint32_t>(std::min<uint64_t>(slice_bytes_, cluster));
   uint64_t l2_cache = options.l2_cache_bytes;
+  const uint64_t clusters = (h.size + cluster - 1) / cluster;
   if (l2_cache == 0) {
-    // Enough to map the whole disk, capped, as QEMU does by default.
-    uint64_t clusters = (h.size + cluster - 1) / cluster;
+    // Twice what maps the whole disk, capped (QEMU: once). Commit writes dirty metadata back
+    // (with syncs) once half the cache is dirty: with room for all of it, random allocating
+    // writes never force that before the client flushes.
     uint64_t full = (clusters * geometry_.l2_entry_bytes() + cluster - 1) / cluster * cluster;
-    l2_cache = std::min(full, kDefaultMaxL2Cache);
+    l2_cache = std::min(2 * full, kDefaultMaxL2Cache);
   }
   l2_cache_ = std::make_unique<MetadataCache>(file_.get(), slice_bytes_, l2_cache, "L2 table");
-  uint64_t rc_cache = options.refcount_cache_bytes ? options.refcount_cache_bytes : 4 * cluster;
+  uint64_t rc_cache = options.refcount_cache_bytes;
+  if (rc_cache == 0) {
+    // Likewise: twice the refcounts of a fully allocated disk, at least 4 clusters, capped.
+    uint64_t full = (clusters << h.refcount_order) / 8;
+    rc_cache = std::clamp<uint64_t>(2 * full, 4 * cluster, kDefaultMaxL2Cache / 4);
+  }
   refcount_cache_ =
       std::make_unique<MetadataCache>(file_.get(), slice_bytes_, rc_cache, "refcount block");
   decompressed_.Resize(cluster);
