@@ -1,6 +1,7 @@
 #include "export/nbd/server.h"
 
 #include <sys/signalfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,6 +12,8 @@
 #include "export/nbd/transport.h"
 
 namespace qcow2kit::nbd {
+
+constexpr int kShutdownGraceSeconds = 5;
 
 struct Server::Connection {
   explicit Connection(int fd)
@@ -30,6 +33,10 @@ void Server::Shutdown() {
   stopping_ = true;
   accept_token_.Cancel();
   signal_token_.Cancel();
+  if (!live_.empty()) {
+    grace_done_ = false;
+    Reactor::Current()->Spawn(AbortStragglers());
+  }
   for (Connection* c : live_) {
     if (c->session) {
       c->session->Stop();
@@ -63,6 +70,23 @@ Task<void> Server::WatchSignals() {
   if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
 }
 
+Task<void> Server::AbortStragglers() {
+  // Replies get a few seconds to reach clients that are still reading.
+  int timer = ::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+  if (timer >= 0) {
+    itimerspec when{};
+    when.it_value.tv_sec = kShutdownGraceSeconds;
+    ::timerfd_settime(timer, 0, &when, nullptr);
+    Status s = co_await WaitReadable(timer, &grace_token_);
+    ::close(timer);
+    if (s.ok()) {
+      for (Connection* c : live_) c->transport->Abort();
+    }
+  }
+  grace_done_ = true;
+  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+}
+
 Task<Status> Server::Serve() {
   if (options_.signal_fd >= 0) {
     signal_watch_done_ = false;
@@ -93,6 +117,8 @@ Task<Status> Server::Serve() {
     Reactor::Current()->Spawn(ServeConnection(*fd));
   }
   while (connections_ > 0 || !signal_watch_done_) co_await ParkIn{&serve_waiter_};
+  grace_token_.Cancel();
+  while (!grace_done_) co_await ParkIn{&serve_waiter_};
   co_return result;
 }
 

@@ -41,6 +41,8 @@ class Server {
   struct Connection;
   Task<void> ServeConnection(int fd);
   Task<void> WatchSignals();
+  // After Shutdown(): connections still open after the grace period are aborted.
+  Task<void> AbortStragglers();
 
   std::vector<Export> exports_;
   int listen_fd_;
@@ -51,6 +53,8 @@ class Server {
   std::unordered_set<Connection*> live_;
   CancelToken accept_token_;
   CancelToken signal_token_;
+  CancelToken grace_token_;
+  bool grace_done_ = true;
   std::coroutine_handle<> serve_waiter_;
 };
 

@@ -50,6 +50,7 @@ class TlsTransport final : public Transport {
   void CancelRecv() override { inner_->CancelRecv(); }
   // Sends the TLS close notification (best effort).
   Task<void> Close() override;
+  void Abort() override { inner_->Abort(); }
 
  private:
   TlsTransport() = default;

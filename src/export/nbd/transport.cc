@@ -1,5 +1,6 @@
 #include "export/nbd/transport.h"
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +10,8 @@
 namespace qcow2kit::nbd {
 
 PlainTransport::~PlainTransport() { ::close(fd_); }
+
+void PlainTransport::Abort() { ::shutdown(fd_, SHUT_RDWR); }
 
 Task<Result<size_t>> PlainTransport::RecvSome(std::span<std::byte> buf) {
   co_return co_await qcow2kit::RecvSome(fd_, buf, &recv_token_);

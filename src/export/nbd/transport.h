@@ -30,6 +30,9 @@ class Transport {
   virtual void CancelRecv() = 0;
   // Says goodbye at the protocol level before the socket closes (TLS close notify).
   virtual Task<void> Close() = 0;
+  // Breaks the connection at once: every wait on it ends with an error (a client that stops
+  // reading must not hold up shutdown).
+  virtual void Abort() = 0;
 };
 
 // A connected socket, owned (closed on destruction).
@@ -42,6 +45,7 @@ class PlainTransport final : public Transport {
   Task<Status> SendAll(std::span<iovec> iov) override;
   void CancelRecv() override { recv_token_.Cancel(); }
   Task<void> Close() override { co_return; }
+  void Abort() override;
   int fd() const { return fd_; }
 
  private:
