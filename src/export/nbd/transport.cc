@@ -45,6 +45,7 @@ Task<Status> InputBuffer::Need(size_t n) {
 }
 
 Task<Status> InputBuffer::ReadInto(std::span<std::byte> dst) {
+  if (dst.empty()) co_return Status::Ok();
   size_t from_buffer = std::min(dst.size(), available());
   std::memcpy(dst.data(), data(), from_buffer);
   Consume(from_buffer);
