@@ -17,6 +17,9 @@ always qemu-nbd, the differential oracle, serving a copy of the image.
 without -t where a probe would count as its one client, its socket is listening). When the
 block ends it gets SIGTERM and must exit with status 0 within 30 s, with no sanitizer report on
 stderr; then ``qemu-img check`` of the image must be clean and its dirty flag clear.
+Keywords of under_test/reference/serve: ``persistent=False`` leaves out -t, ``shared=N``
+replaces -e 4, and ``tcp=(ADDR, PORT)`` listens there (-b ADDR -p PORT; the uri is
+nbd://ADDR:PORT/NAME and sock is None) instead of on a unix socket.
 """
 
 import contextlib
@@ -61,6 +64,23 @@ def nbd_uri(sock, name=""):
     return f"nbd+unix:///{name}?socket={sock}"
 
 
+def nbds_uri(sock, certdir, name=""):
+    """The TLS form of nbd_uri, with libnbd's client credentials directory (ca-cert.pem,
+    client-cert.pem, client-key.pem)."""
+    return f"nbds+unix:///{name}?socket={sock}&tls-certificates={certdir}"
+
+
+def tcp_uri(addr, port, name=""):
+    return f"nbd://{addr}:{port}/{name}"
+
+
+def free_tcp_port(addr="127.0.0.1"):
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
 def copy_image(src, dst):
     """Copy an image, or a directory holding an image with its backing files."""
     if os.path.isdir(src):
@@ -93,8 +113,25 @@ def _listening(sock):
     return False
 
 
+def _tcp_listening(port):
+    """Whether something listens on this local TCP port (from /proc/net/tcp{,6}, without
+    connecting)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                # sl local_address rem_address st ...; st 0A = LISTEN
+                if len(parts) > 3 and parts[3] == "0A" and \
+                        int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
 def _accepts(sock):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Whether a connection succeeds: sock is a unix socket path or an (addr, port) pair."""
+    tcp = isinstance(sock, tuple)
+    s = socket.socket(socket.AF_INET if tcp else socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(2)
         s.connect(sock)
@@ -108,9 +145,10 @@ def _accepts(sock):
 class Served:
     """A running server. Unpacks as (uri, sock, proc)."""
 
-    def __init__(self, kind, argv, image, sock, uri, workdir):
+    def __init__(self, kind, argv, image, sock, uri, workdir, tcp=None):
         self.kind, self.argv, self.image = kind, argv, image
         self.sock, self.uri, self.workdir = sock, uri, workdir
+        self.tcp = tcp  # (addr, port) of a TCP listener, else None (sock is the listener)
         self.stderr_path = os.path.join(workdir, "stderr")
         self.proc = None
         self._stopped = False
@@ -142,7 +180,10 @@ class Served:
             if self.proc.poll() is not None:
                 T.fail(f"{self.name} exited ({self.proc.returncode}) before serving:\n"
                        f"$ {self.cmdline()}\n{self.stderr()}")
-            if os.path.exists(self.sock) and stat.S_ISSOCK(os.stat(self.sock).st_mode) and \
+            if self.tcp is not None:
+                if _accepts(self.tcp) if persistent else _tcp_listening(self.tcp[1]):
+                    return
+            elif os.path.exists(self.sock) and stat.S_ISSOCK(os.stat(self.sock).st_mode) and \
                     (_accepts(self.sock) if persistent else _listening(self.sock)):
                 return
             if time.monotonic() > deadline:
@@ -186,24 +227,32 @@ class Served:
             self.proc.wait()
 
 
-def server_argv(kind, qcow2kit, sock, image, extra=(), persistent=True):
+def server_argv(kind, qcow2kit, sock, image, extra=(), persistent=True, shared=4, tcp=None):
     t = ["-t"] if persistent else []
+    e = ["-e", str(shared)]
+    where = ["-k", sock] if tcp is None else ["-b", tcp[0], "-p", str(tcp[1])]
     if kind == "ours":
-        return [qcow2kit, "serve", "-k", sock, *t, "-e", "4", *extra, image]
+        return [qcow2kit, "serve", *where, *t, *e, *extra, image]
     if kind == "peer":
-        return ["qemu-nbd", "-A", "-f", "qcow2", *t, "-e", "4", "-k", sock, *extra, image]
+        return ["qemu-nbd", "-A", "-f", "qcow2", *t, *e, *where, *extra, image]
     raise ValueError(kind)
 
 
 @contextlib.contextmanager
-def serve(kind, image, tmp, qcow2kit=None, extra=(), persistent=True):
+def serve(kind, image, tmp, qcow2kit=None, extra=(), persistent=True, shared=4, tcp=None):
     """Serve `image` with flavour `kind` ("ours" or "peer") on a socket under `tmp`; see the
-    module docstring. persistent=False leaves out -t."""
+    module docstring. persistent=False leaves out -t; tcp=(addr, port) listens there."""
     workdir = tempfile.mkdtemp(prefix=f"srv-{kind}-", dir=tmp)  # servers may run at once
-    sock = os.path.join(workdir, "s")
     extra = [str(e) for e in extra]
-    srv = Served(kind, server_argv(kind, qcow2kit, sock, str(image), extra, persistent),
-                 str(image), sock, nbd_uri(sock, export_name(extra)), workdir)
+    if tcp is None:
+        sock = os.path.join(workdir, "s")
+        uri = nbd_uri(sock, export_name(extra))
+    else:
+        sock, tcp = None, (tcp[0], int(tcp[1]))
+        uri = tcp_uri(*tcp, export_name(extra))
+    srv = Served(kind, server_argv(kind, qcow2kit, sock, str(image), extra, persistent, shared,
+                                   tcp),
+                 str(image), sock, uri, workdir, tcp)
     srv.start(persistent)
     try:
         yield srv

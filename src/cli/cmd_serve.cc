@@ -126,7 +126,8 @@ Result<std::unique_ptr<nbd::TlsCredentials>> LoadTlsCredentials(const ServeArgs&
   if (::stat(a.tls_creds.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     return nbd::TlsCredentials::Load(a.tls_creds, /*verify_peer=*/true);
   }
-  return Status::Invalid("No TLS credentials with id '" + a.tls_creds + "'");
+  return Status::Invalid("--tls-creds '" + a.tls_creds +
+                         "' is neither the id of an --object tls-creds-x509 nor a directory");
 }
 
 // --fork: the parent waits until the child serves (or failed) and exits with its status.
@@ -151,11 +152,18 @@ int ForkAndWait(int* ready_fd) {
   std::_Exit(n == 1 ? status : 1);
 }
 
+// Tells the waiting parent of --fork that the server is up, and lets go of the terminal (or
+// whatever captured the parent's output) as a daemon does.
 void ReportReady(int* ready_fd, char status) {
   if (*ready_fd < 0) return;
   (void)!::write(*ready_fd, &status, 1);
   ::close(*ready_fd);
   *ready_fd = -1;
+  int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (null >= 0) {
+    for (int fd = 0; fd <= 2; ++fd) ::dup2(null, fd);
+    if (null > 2) ::close(null);
+  }
 }
 
 int RunServe(const Cli& cli, const ServeArgs& a) {

@@ -214,7 +214,7 @@ Task<Status> Haggler::List(uint32_t opt) {
 Task<Status> Haggler::StartTls() {
   QK_CO_RETURN_IF_ERROR(co_await Reply(kOptStartTls, kRepAck));
   std::vector<std::byte> early = in_->Switch(nullptr);
-  auto tls = TlsTransport::Create(*tls_, std::move(*t_), std::move(early));
+  auto tls = TlsTransport::Create(*tls_, *t_, std::move(early));
   if (!tls.ok()) co_return tls.status();
   TlsTransport* raw = tls->get();
   *t_ = std::move(*tls);

@@ -14,6 +14,17 @@
 namespace qcow2kit::nbd {
 
 constexpr int kShutdownGraceSeconds = 5;
+constexpr int kHandshakeSeconds = 10;  // as qemu-nbd
+
+// A timerfd that becomes readable after `seconds`, or -1.
+int Timer(int seconds) {
+  int fd = ::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+  if (fd < 0) return -1;
+  itimerspec when{};
+  when.it_value.tv_sec = seconds;
+  ::timerfd_settime(fd, 0, &when, nullptr);
+  return fd;
+}
 
 struct Server::Connection {
   explicit Connection(int fd)
@@ -21,6 +32,10 @@ struct Server::Connection {
   std::unique_ptr<Transport> transport;  // becomes a TlsTransport after STARTTLS
   InputBuffer in;
   Session* session = nullptr;  // set once the handshake chose an export
+  bool handshake_done = false;
+  bool deadline_done = true;
+  CancelToken deadline_token;
+  std::coroutine_handle<> waiter;  // ServeConnection, waiting for the deadline task
 };
 
 Server::Server(std::vector<Export> exports, int listen_fd, ServerOptions options)
@@ -72,11 +87,8 @@ Task<void> Server::WatchSignals() {
 
 Task<void> Server::AbortStragglers() {
   // Replies get a few seconds to reach clients that are still reading.
-  int timer = ::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+  int timer = Timer(kShutdownGraceSeconds);
   if (timer >= 0) {
-    itimerspec when{};
-    when.it_value.tv_sec = kShutdownGraceSeconds;
-    ::timerfd_settime(timer, 0, &when, nullptr);
     Status s = co_await WaitReadable(timer, &grace_token_);
     ::close(timer);
     if (s.ok()) {
@@ -122,10 +134,29 @@ Task<Status> Server::Serve() {
   co_return result;
 }
 
+Task<void> Server::HandshakeDeadline(Connection* conn) {
+  int timer = Timer(kHandshakeSeconds);
+  if (timer >= 0) {
+    Status s = co_await WaitReadable(timer, &conn->deadline_token);
+    ::close(timer);
+    if (s.ok() && !conn->handshake_done) {
+      conn->transport->CancelRecv();
+      conn->transport->Abort();
+    }
+  }
+  conn->deadline_done = true;
+  if (conn->waiter) Reactor::Current()->Post(std::exchange(conn->waiter, {}));
+}
+
 Task<void> Server::ServeConnection(int fd) {
   Connection conn(fd);
   live_.insert(&conn);
+  conn.deadline_done = false;
+  Reactor::Current()->Spawn(HandshakeDeadline(&conn));
   auto negotiated = co_await Handshake(&conn.transport, &conn.in, exports_, options_.tls);
+  conn.handshake_done = true;
+  conn.deadline_token.Cancel();
+  while (!conn.deadline_done) co_await ParkIn{&conn.waiter};
   if (negotiated.ok() && negotiated->has_value() && !stopping_) {
     Session session(conn.transport.get(), &conn.in, **negotiated);
     conn.session = &session;

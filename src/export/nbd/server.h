@@ -43,6 +43,8 @@ class Server {
   Task<void> WatchSignals();
   // After Shutdown(): connections still open after the grace period are aborted.
   Task<void> AbortStragglers();
+  // Drops a connection that has not finished its handshake in time.
+  Task<void> HandshakeDeadline(Connection* conn);
 
   std::vector<Export> exports_;
   int listen_fd_;

@@ -39,6 +39,7 @@ Result<std::unique_ptr<TlsCredentials>> TlsCredentials::Load(const std::string& 
   }
   r = gnutls_certificate_set_x509_trust_file(c->cred_, ca.c_str(), GNUTLS_X509_FMT_PEM);
   if (r < 0) return TlsError(r, "Cannot load CA certificate " + ca);
+  if (r == 0) return Status::Invalid("No CA certificate found in " + ca);
   r = gnutls_certificate_set_x509_key_file(c->cred_, cert.c_str(), key.c_str(),
                                            GNUTLS_X509_FMT_PEM);
   if (r < 0) return TlsError(r, "Cannot load certificate " + cert + " & key " + key);
@@ -54,10 +55,9 @@ TlsCredentials::~TlsCredentials() {
 }
 
 Result<std::unique_ptr<TlsTransport>> TlsTransport::Create(const TlsCredentials& creds,
-                                                           std::unique_ptr<Transport> inner,
+                                                           std::unique_ptr<Transport>& inner,
                                                            std::vector<std::byte> early) {
   auto t = std::unique_ptr<TlsTransport>(new TlsTransport());
-  t->inner_ = std::move(inner);
   t->in_ = std::move(early);
   int r = gnutls_init(&t->session_, GNUTLS_SERVER | GNUTLS_NONBLOCK);
   if (r < 0) return TlsError(r, "Cannot start a TLS session");
@@ -73,6 +73,7 @@ Result<std::unique_ptr<TlsTransport>> TlsTransport::Create(const TlsCredentials&
   gnutls_transport_set_push_function(t->session_, &TlsTransport::Push);
   gnutls_transport_set_pull_function(t->session_, &TlsTransport::Pull);
   gnutls_transport_set_pull_timeout_function(t->session_, &TlsTransport::PullTimeout);
+  t->inner_ = std::move(inner);
   return t;
 }
 

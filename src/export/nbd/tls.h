@@ -34,10 +34,11 @@ class TlsCredentials {
 
 class TlsTransport final : public Transport {
  public:
-  // Takes over `inner` (the plain connection). `early` holds bytes already received from the
-  // client after the STARTTLS request (the start of its handshake).
+  // Takes over `inner` (the plain connection), which is left alone on failure. `early` holds
+  // bytes already received from the client after the STARTTLS request (the start of its
+  // handshake).
   static Result<std::unique_ptr<TlsTransport>> Create(const TlsCredentials& creds,
-                                                      std::unique_ptr<Transport> inner,
+                                                      std::unique_ptr<Transport>& inner,
                                                       std::vector<std::byte> early);
   ~TlsTransport() override;
 
