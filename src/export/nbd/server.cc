@@ -12,6 +12,7 @@
 #include "export/nbd/transport.h"
 
 namespace qcow2kit::nbd {
+namespace {
 
 constexpr int kShutdownGraceSeconds = 5;
 constexpr int kHandshakeSeconds = 10;  // as qemu-nbd
@@ -26,6 +27,8 @@ int Timer(int seconds) {
   return fd;
 }
 
+}  // namespace
+
 struct Server::Connection {
   explicit Connection(int fd)
       : transport(std::make_unique<PlainTransport>(fd)), in(transport.get()) {}
@@ -35,7 +38,7 @@ struct Server::Connection {
   bool handshake_done = false;
   bool deadline_done = true;
   CancelToken deadline_token;
-  std::coroutine_handle<> waiter;  // ServeConnection, waiting for the deadline task
+  Wakeup wakeup;  // ServeConnection, waiting for the deadline task to end
 };
 
 Server::Server(std::vector<Export> exports, int listen_fd, ServerOptions options)
@@ -59,20 +62,8 @@ void Server::Shutdown() {
       c->transport->CancelRecv();
     }
   }
-  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+  serve_wakeup_.Notify();
 }
-
-namespace {
-
-// Suspends the caller, leaving its handle in *slot for whoever resumes it.
-struct ParkIn {
-  std::coroutine_handle<>* slot;
-  bool await_ready() const noexcept { return false; }
-  void await_suspend(std::coroutine_handle<> h) noexcept { *slot = h; }
-  void await_resume() const noexcept {}
-};
-
-}  // namespace
 
 Task<void> Server::WatchSignals() {
   Status s = co_await WaitReadable(options_.signal_fd, &signal_token_);
@@ -82,7 +73,7 @@ Task<void> Server::WatchSignals() {
     Shutdown();
   }
   signal_watch_done_ = true;
-  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+  serve_wakeup_.Notify();
 }
 
 Task<void> Server::AbortStragglers() {
@@ -96,7 +87,7 @@ Task<void> Server::AbortStragglers() {
     }
   }
   grace_done_ = true;
-  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+  serve_wakeup_.Notify();
 }
 
 Task<Status> Server::Serve() {
@@ -108,7 +99,7 @@ Task<Status> Server::Serve() {
   while (!stopping_) {
     if (options_.max_connections > 0 && connections_ >= options_.max_connections) {
       // At the limit, further clients wait in the listen backlog (as with qemu-nbd).
-      co_await ParkIn{&serve_waiter_};
+      co_await serve_wakeup_.Wait();
       continue;
     }
     Result<int> fd = co_await Accept(listen_fd_, &accept_token_);
@@ -118,7 +109,7 @@ Task<Status> Server::Serve() {
       if (e == ECONNABORTED || e == EINTR || e == EPROTO) continue;
       if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
         // Out of descriptors or memory: wait for a connection to end, then try again.
-        if (connections_ > 0) co_await ParkIn{&serve_waiter_};
+        if (connections_ > 0) co_await serve_wakeup_.Wait();
         continue;
       }
       result = fd.status().WithContext("accepting connections");
@@ -128,9 +119,9 @@ Task<Status> Server::Serve() {
     ++connections_;
     Reactor::Current()->Spawn(ServeConnection(*fd));
   }
-  while (connections_ > 0 || !signal_watch_done_) co_await ParkIn{&serve_waiter_};
+  while (connections_ > 0 || !signal_watch_done_) co_await serve_wakeup_.Wait();
   grace_token_.Cancel();
-  while (!grace_done_) co_await ParkIn{&serve_waiter_};
+  while (!grace_done_) co_await serve_wakeup_.Wait();
   co_return result;
 }
 
@@ -145,7 +136,7 @@ Task<void> Server::HandshakeDeadline(Connection* conn) {
     }
   }
   conn->deadline_done = true;
-  if (conn->waiter) Reactor::Current()->Post(std::exchange(conn->waiter, {}));
+  conn->wakeup.Notify();
 }
 
 Task<void> Server::ServeConnection(int fd) {
@@ -156,7 +147,7 @@ Task<void> Server::ServeConnection(int fd) {
   auto negotiated = co_await Handshake(&conn.transport, &conn.in, exports_, options_.tls);
   conn.handshake_done = true;
   conn.deadline_token.Cancel();
-  while (!conn.deadline_done) co_await ParkIn{&conn.waiter};
+  while (!conn.deadline_done) co_await conn.wakeup.Wait();
   if (negotiated.ok() && negotiated->has_value() && !stopping_) {
     Session session(conn.transport.get(), &conn.in, **negotiated);
     conn.session = &session;
@@ -167,7 +158,7 @@ Task<void> Server::ServeConnection(int fd) {
   live_.erase(&conn);
   --connections_;
   if (!options_.persistent && connections_ == 0) Shutdown();
-  if (serve_waiter_) Reactor::Current()->Post(std::exchange(serve_waiter_, {}));
+  serve_wakeup_.Notify();
 }
 
 }  // namespace qcow2kit::nbd

@@ -12,6 +12,7 @@
 #include "export/nbd/export.h"
 #include "export/nbd/tls.h"
 #include "io/socket.h"
+#include "io/wakeup.h"
 #include "qcow2kit/status.h"
 #include "qcow2kit/task.h"
 
@@ -57,7 +58,7 @@ class Server {
   CancelToken signal_token_;
   CancelToken grace_token_;
   bool grace_done_ = true;
-  std::coroutine_handle<> serve_waiter_;
+  Wakeup serve_wakeup_;  // Serve(), waiting for room, a connection's end or shutdown
 };
 
 }  // namespace qcow2kit::nbd

@@ -4,7 +4,6 @@
 // out in completion order, matched by handle.
 #pragma once
 
-#include <coroutine>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -12,31 +11,11 @@
 #include "export/nbd/handshake.h"
 #include "export/nbd/protocol.h"
 #include "export/nbd/transport.h"
+#include "io/wakeup.h"
 #include "qcow2kit/block.h"
 #include "qcow2kit/buffer.h"
 
 namespace qcow2kit::nbd {
-
-// Resumes one waiting coroutine. Waiters re-check their condition in a loop, so a Notify()
-// with nobody waiting needs no memory.
-class Wakeup {
- public:
-  auto Wait() {
-    struct Awaiter {
-      Wakeup* w;
-      bool await_ready() const noexcept { return false; }
-      void await_suspend(std::coroutine_handle<> h) noexcept { w->waiter_ = h; }
-      void await_resume() const noexcept {}
-    };
-    return Awaiter{this};
-  }
-  void Notify() {
-    if (waiter_) Reactor::Current()->Post(std::exchange(waiter_, {}));
-  }
-
- private:
-  std::coroutine_handle<> waiter_;
-};
 
 class Session {
  public:
