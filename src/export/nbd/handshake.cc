@@ -1,6 +1,7 @@
 #include "export/nbd/handshake.h"
 
 #include <cerrno>
+#include <cstring>
 #include <string>
 #include <string_view>
 

@@ -2,11 +2,10 @@
 // docs/nbd-design.md §1 lists what we implement and how we answer).
 #pragma once
 
-#include <endian.h>
-
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
+
+#include "format/endian.h"
 
 namespace qcow2kit::nbd {
 
@@ -124,35 +123,21 @@ inline constexpr uint32_t kMaxStringLength = 4096;       // names, descriptions,
 // Maps a Status code (an errno) to the value the protocol allows on the wire.
 uint32_t WireError(int code);
 
-// Big-endian loads and stores.
-inline uint16_t Load16(const std::byte* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return be16toh(v);
-}
-inline uint32_t Load32(const std::byte* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return be32toh(v);
-}
-inline uint64_t Load64(const std::byte* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return be64toh(v);
-}
+// Big-endian loads and stores (format/endian.h); stores return the position after the value,
+// so that a message is written as one chain of calls.
+inline uint16_t Load16(const std::byte* p) { return format::LoadBE16(p); }
+inline uint32_t Load32(const std::byte* p) { return format::LoadBE32(p); }
+inline uint64_t Load64(const std::byte* p) { return format::LoadBE64(p); }
 inline std::byte* Store16(std::byte* p, uint16_t v) {
-  v = htobe16(v);
-  std::memcpy(p, &v, 2);
+  format::StoreBE16(p, v);
   return p + 2;
 }
 inline std::byte* Store32(std::byte* p, uint32_t v) {
-  v = htobe32(v);
-  std::memcpy(p, &v, 4);
+  format::StoreBE32(p, v);
   return p + 4;
 }
 inline std::byte* Store64(std::byte* p, uint64_t v) {
-  v = htobe64(v);
-  std::memcpy(p, &v, 8);
+  format::StoreBE64(p, v);
   return p + 8;
 }
 
