@@ -182,7 +182,10 @@ TEST_F(SessionTest, SteadyStateRequestsDoNotAllocate) {
     uint64_t large = Connection(12000, &bad, mode);
     ASSERT_EQ(bad, 0);
     // Both connections pay the same set-up; 10000 more requests must cost (almost) nothing.
-    EXPECT_LT(large - std::min(large, small), 20u)
+    // One allocation per request would be 10000; what remains is warm-up that depends on
+    // timing (a new slot, a deeper frame pool when more requests happen to overlap): seen up
+    // to 31 on a loaded machine.
+    EXPECT_LT(large - std::min(large, small), 200u)
         << "mode " << mode << " (1 reads, 2 writes, 0 both): allocations: " << small
         << " for 2000 requests, " << large << " for 12000";
   }
