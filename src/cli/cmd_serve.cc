@@ -166,7 +166,7 @@ void ReportReady(int* ready_fd, char status) {
   }
 }
 
-int RunServe(const Cli& cli, const ServeArgs& a) {
+int RunServe(const ServeArgs& a) {
   // ---- options ----
   nbd::Export exp;
   exp.name = a.name;
@@ -230,7 +230,6 @@ int RunServe(const Cli& cli, const ServeArgs& a) {
   if (sig_fd < 0) return Fail(Status::FromErrno(errno, "signalfd"));
 
   // ---- the image ----
-  (void)cli;
   auto reactor = MakeReactor(*engine);
   if (!reactor.ok()) return Fail(reactor.status());
   Reactor& r = **reactor;
@@ -279,7 +278,7 @@ void AddServeCommand(Cli& cli) {
   auto a = std::make_shared<ServeArgs>();
   CLI::App* cmd = AddCommand(cli, "serve",
                              "Export an image over NBD (options as qemu-nbd)",
-                             [&cli, a] { return RunServe(cli, *a); });
+                             [a] { return RunServe(*a); });
   cmd->add_option("image", a->image, "Image file")->required();
   cmd->add_option("-f,--format", a->format, "Image format: qcow2 or raw (default: probe)");
   cmd->add_option("-k,--socket", a->socket_path, "Listen on this unix socket");

@@ -34,8 +34,12 @@ class SyncEngine final : public Engine {
   }
 
   size_t Poll(bool wait) override {
-    std::vector<IoRequest*> done;
-    done.swap(cancelled_);
+    // Lists kept between calls (no allocation per poll); taken out of the members so that
+    // coroutines resumed below may submit and cancel freely.
+    std::vector<IoRequest*> done, still;
+    done.swap(done_spare_);
+    still.swap(still_spare_);
+    done.swap(cancelled_);  // cancelled_ takes the empty spare
     if (!waiting_.empty()) {
       fds_.clear();
       for (IoRequest* r : waiting_) {
@@ -44,7 +48,6 @@ class SyncEngine final : public Engine {
       }
       int n = ::poll(fds_.data(), fds_.size(), wait && done.empty() ? -1 : 0);
       if (n > 0) {
-        std::vector<IoRequest*> still;
         for (size_t i = 0; i < waiting_.size(); ++i) {
           IoRequest* r = waiting_[i];
           if (fds_[i].revents != 0 && TryComplete(r)) {
@@ -57,7 +60,12 @@ class SyncEngine final : public Engine {
       }
     }
     for (IoRequest* r : done) r->waiter.resume();
-    return done.size();
+    const size_t n = done.size();
+    done.clear();
+    still.clear();
+    done_spare_.swap(done);
+    still_spare_.swap(still);
+    return n;
   }
 
   size_t in_flight() const override { return waiting_.size() + cancelled_.size(); }
@@ -117,6 +125,8 @@ class SyncEngine final : public Engine {
 
   std::vector<IoRequest*> waiting_;
   std::vector<IoRequest*> cancelled_;
+  std::vector<IoRequest*> done_spare_;
+  std::vector<IoRequest*> still_spare_;
   std::vector<pollfd> fds_;
 };
 

@@ -39,6 +39,7 @@ uint16_t AllowedFlags(uint16_t type) {
 // One request and its reply. Buffers keep their capacity from request to request.
 struct Session::Slot {
   Request req;
+  uint64_t charged = 0;  // payload bytes counted in bytes_held_ for this request
   AlignedBuffer buf;  // WRITE payload or READ data
   std::vector<std::byte> head;  // reply bytes that are not data: headers, descriptors
   struct Segment {
@@ -109,8 +110,8 @@ Session::Slot* Session::TakeSlot() {
 }
 
 void Session::ReleaseSlot(Slot* slot) {
-  const Request& r = slot->req;
-  if (r.type == kCmdRead || r.type == kCmdWrite) bytes_held_ -= r.length;
+  bytes_held_ -= slot->charged;
+  slot->charged = 0;
   if (slot->buf.size() > kKeepBuffer) slot->buf = AlignedBuffer();
   slot->ClearReply();
   free_.push_back(slot);
@@ -144,9 +145,9 @@ Task<void> Session::Reader() {
     if (dead_) co_return;
     Slot* slot = TakeSlot();
     slot->req = r;
-    if (r.type == kCmdRead) bytes_held_ += bytes;
+    slot->charged = bytes;
+    bytes_held_ += bytes;
     if (r.type == kCmdWrite) {
-      bytes_held_ += bytes;
       s = co_await in_->ReadInto(slot->Data(r.length));
       if (!s.ok()) {  // the client left mid-payload: this write never happens
         ReleaseSlot(slot);
