@@ -21,6 +21,9 @@ struct OpenOptions {
   bool writable = false;
   CacheMode cache = CacheMode::kWriteback;
   bool force_share = false;     // -U: take and check no image locks; refused if writable
+  // Opened to be checked (and repaired if writable): a corrupt image may be opened
+  // read-write, a dirty one is left for the check to repair.
+  bool check = false;
   std::string format;           // "qcow2", "raw", or "" to probe (qcow2 magic, else raw)
   // Policy for files an image names: an image may be hostile, so a caller can refuse to let
   // it open other files (as imago does). Refused backing files read as absent (zeros) is NOT

@@ -18,6 +18,7 @@ void AddCreateCommand(Cli& cli);
 void AddWriteCommand(Cli& cli);
 void AddResizeCommand(Cli& cli);
 void AddServeCommand(Cli& cli);
+void AddCheckCommand(Cli& cli);
 
 // qemu-img resize takes its size argument off the end of the command line before parsing
 // options, so "-1G" is a size: main() calls this (with the index of the "resize" word) before

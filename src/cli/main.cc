@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   AddWriteCommand(cli);
   AddResizeCommand(cli);
   AddServeCommand(cli);
+  AddCheckCommand(cli);
 
   // The first word that is not an option must name a command.
   std::vector<std::string> args(argv + 1, argv + argc);

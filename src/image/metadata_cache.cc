@@ -1,6 +1,7 @@
 #include "image/metadata_cache.h"
 
 #include <algorithm>
+#include <cassert>
 
 #include "fmt/format.h"
 #include "qcow2kit/reactor.h"
@@ -71,8 +72,8 @@ Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
   if (!r.ok()) {
     status = r.status();
   } else if (*r < slice_bytes_) {
-    status = Status::Corrupt(fmt::format("{} at offset {:#x} lies past the end of '{}'", what_,
-                                         offset, file_->path()));
+    status = Status::Corrupt(
+        fmt::format("{} at offset {:#x} lies past the end of '{}'", what_, offset, file_->path()));
   }
   uint8_t* data = status.ok() ? Insert(offset, std::move(buf)) : nullptr;
   loading_.erase(offset);
@@ -107,6 +108,12 @@ void MetadataCache::Drop(uint64_t offset) {
   if (it->second->dirty) --dirty_;
   lru_.erase(it->second);
   map_.erase(it);
+}
+
+void MetadataCache::DropAll() {
+  assert(dirty_ == 0 && loading_.empty());
+  map_.clear();
+  lru_.clear();
 }
 
 Task<Status> MetadataCache::WriteBack() {

@@ -47,6 +47,9 @@ class MetadataCache {
   uint8_t* CreateZeroed(uint64_t offset);
   // Drops the slice if cached (a freed table), dirty or not.
   void Drop(uint64_t offset);
+  // Drops every slice (the tables moved, as after a refcount rebuild). Nothing may be dirty
+  // or loading.
+  void DropAll();
   size_t dirty_count() const { return dirty_; }
   // Writes every dirty slice, in offset order, and marks them clean.
   Task<Status> WriteBack();

@@ -46,7 +46,7 @@ Task<Result<uint64_t>> Qcow2Image::AllocateClusters(uint64_t count, uint64_t* go
   } else if (run < count) {
     co_return Status::Error(ENOSPC, "could not allocate contiguous clusters");
   }
-  co_return start * cs;
+  co_return start* cs;
 }
 
 Task<Status> Qcow2Image::UpdateRefcounts(uint64_t offset, uint64_t length, int64_t delta) {
@@ -64,9 +64,13 @@ Task<Status> Qcow2Image::UpdateRefcounts(uint64_t offset, uint64_t length, int64
       QK_CO_RETURN_IF_ERROR(co_await EnsureRefblock(ti));
     }
     uint64_t block = reftable_[ti] & format::kRefcountTableOffsetMask;
+    if (block & (cs - 1)) {
+      co_return Status::Corrupt(
+          fmt::format("Refblock offset {:#x} unaligned (reftable index: {:#x})", block, ti));
+    }
     uint64_t index = g.block_index(host);
-    auto slice = co_await refcount_cache_->GetForUpdate(
-        block + (index / entries_per_slice) * slice_bytes_);
+    auto slice =
+        co_await refcount_cache_->GetForUpdate(block + (index / entries_per_slice) * slice_bytes_);
     if (!slice.ok()) co_return slice.status();
     std::span<uint8_t> bytes(*slice, slice_bytes_);
     uint64_t old = format::GetRefcount(bytes, index % entries_per_slice, g.refcount_order);
@@ -155,8 +159,7 @@ Task<Status> Qcow2Image::GrowRefcountTable(uint64_t min_entries) {
   QK_CO_RETURN_IF_ERROR(co_await refcount_cache_->WriteBack());
   std::vector<uint64_t> be(entries);
   for (uint64_t i = 0; i < entries; ++i) format::StoreBE64(&be[i], table[i]);
-  QK_CO_RETURN_IF_ERROR(
-      co_await file_->WriteAt(std::as_bytes(std::span(be)), first * cs));
+  QK_CO_RETURN_IF_ERROR(co_await file_->WriteAt(std::as_bytes(std::span(be)), first * cs));
   QK_CO_RETURN_IF_ERROR(co_await SyncFiles());
   uint8_t hdr[12];
   format::StoreBE64(hdr, first * cs);

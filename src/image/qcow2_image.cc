@@ -38,12 +38,13 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
   need = std::min(need, file_size);
   if (need > head.size()) {
     head.resize(need);
-    QK_CO_RETURN_IF_ERROR(
-        co_await file->ReadExact(std::as_writable_bytes(std::span(head)), 0));
+    QK_CO_RETURN_IF_ERROR(co_await file->ReadExact(std::as_writable_bytes(std::span(head)), 0));
   }
   QK_CO_ASSIGN_OR_RETURN(format::ParsedHeader parsed, format::ParseHeader(head, file_size));
-  if (options.writable && parsed.header.corrupt()) {
-    co_return Status::Error(EACCES, "Image is corrupt; cannot be opened read/write");
+  if (options.writable && parsed.header.corrupt() && !options.check) {
+    co_return Status::Error(EACCES,
+                            "Image is corrupt; cannot be opened read/write (repair it with "
+                            "'qcow2kit check -r all')");
   }
   std::unique_ptr<Qcow2Image> img(new Qcow2Image(std::move(file), std::move(parsed)));
   img->file_size_ = file_size;
@@ -52,7 +53,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
   QK_CO_RETURN_IF_ERROR(co_await img->LoadTables(options));
   QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots());
   QK_CO_RETURN_IF_ERROR(co_await img->LoadBitmaps());
-  if (options.writable) QK_CO_RETURN_IF_ERROR(co_await img->PrepareForWriting());
+  if (options.writable) QK_CO_RETURN_IF_ERROR(co_await img->PrepareForWriting(options.check));
   co_return std::move(img);
 }
 
@@ -125,9 +126,10 @@ Task<Status> Qcow2Image::LoadSnapshots() {
     std::vector<uint8_t> entry(entry_size);
     auto got = co_await file_->ReadAt(std::as_writable_bytes(std::span(entry)), pos);
     if (got.ok() && *got < unpadded) {
-      got = Status::Corrupt(fmt::format("snapshot table entry at offset {:#x} runs past the end "
-                                        "of the file",
-                                        pos));
+      got =
+          Status::Corrupt(fmt::format("snapshot table entry at offset {:#x} runs past the end "
+                                      "of the file",
+                                      pos));
     }
     if (!got.ok()) co_return got.status().WithContext(fmt::format("Could not read snapshot {}", i));
     QK_CO_ASSIGN_OR_RETURN(format::Snapshot snap,
@@ -161,8 +163,9 @@ void Qcow2Image::Append(std::vector<Extent>* out, const Extent& e) const {
     bool same = last.kind == e.kind && last.kind != ExtentKind::kCompressed &&
                 last.file_index == e.file_index && last.writable == e.writable &&
                 last.end() == e.guest_offset;
-    bool host_ok = (!last.has_host() && !e.has_host()) ||
-                   (last.has_host() && e.has_host() && last.host_offset + last.length == e.host_offset);
+    bool host_ok =
+        (!last.has_host() && !e.has_host()) ||
+        (last.has_host() && e.has_host() && last.host_offset + last.length == e.host_offset);
     if (same && host_ok) {
       last.length += e.length;
       return;
@@ -186,8 +189,8 @@ Status Qcow2Image::DecodeSlice(const uint8_t* slice, uint64_t first_guest, uint6
     uint64_t bitmap = geometry_.extended_l2 ? format::LoadBE64(slice + i * eb + 8) : 0;
     uint64_t cluster_guest = first_guest + (i << cb);
     uint64_t cluster_end = std::min(cluster_guest + cluster, size());
-    QK_RETURN_IF_ERROR(format::ValidateL2Entry(entry, bitmap, cluster_guest,
-                                               parsed_.header.version, geometry_));
+    QK_RETURN_IF_ERROR(
+        format::ValidateL2Entry(entry, bitmap, cluster_guest, parsed_.header.version, geometry_));
     uint64_t host = format::L2EntryOffset(entry);
     bool copied = entry & format::kOflagCopied;
     if (data_file && host != 0 && host != cluster_guest) {
@@ -242,9 +245,9 @@ Status Qcow2Image::DecodeSlice(const uint8_t* slice, uint64_t first_guest, uint6
           break;
         case SubclusterType::kCompressed:
         case SubclusterType::kInvalid:
-          return Status::Corrupt(fmt::format(
-              "Invalid L2 entry {:#018x} (bitmap {:#018x}) for guest offset {:#x}", entry,
-              bitmap, cluster_guest));
+          return Status::Corrupt(
+              fmt::format("Invalid L2 entry {:#018x} (bitmap {:#018x}) for guest offset {:#x}",
+                          entry, bitmap, cluster_guest));
       }
       Append(out, e);
       cur = sc_end;
@@ -300,8 +303,7 @@ Task<Status> Qcow2Image::ReadCompressed(const Extent& e, uint64_t offset,
     // The last sector of the stream may lie past the end of the file (the file end is only
     // sector aligned): those bytes read as zeros.
     std::vector<uint8_t> in(e.compressed_length);
-    Status s = co_await file_->ReadZeroPadded(std::as_writable_bytes(std::span(in)),
-                                              e.host_offset);
+    Status s = co_await file_->ReadZeroPadded(std::as_writable_bytes(std::span(in)), e.host_offset);
     if (!s.ok()) co_return s;
     decompressed_host_ = Extent::kNoHost;
     auto dst = std::span(reinterpret_cast<uint8_t*>(decompressed_.data()), cluster);
@@ -335,6 +337,10 @@ Task<Result<uint64_t>> Qcow2Image::Refcount(uint64_t host_offset) {
   if (ti >= reftable_.size()) co_return uint64_t{0};
   uint64_t block = reftable_[ti] & format::kRefcountTableOffsetMask;
   if (block == 0) co_return uint64_t{0};
+  if (block & (geometry_.cluster_size() - 1)) {
+    co_return Status::Corrupt(
+        fmt::format("Refblock offset {:#x} unaligned (reftable index: {:#x})", block, ti));
+  }
   uint64_t index = g.block_index(host_offset);
   uint64_t entries_per_slice = (uint64_t(slice_bytes_) * 8) >> g.refcount_order;
   uint64_t slice_offset = block + (index / entries_per_slice) * slice_bytes_;
@@ -381,12 +387,21 @@ Task<FormatDriver::HostHoles> Qcow2Image::ProbeHostHoles() {
   co_return metadata_preallocated_ == 1 ? HostHoles::kZeroData : HostHoles::kIgnore;
 }
 
-Task<Status> Qcow2Image::PrepareForWriting() {
+Task<Status> Qcow2Image::PrepareForWriting(bool for_check) {
   format::Header& h = parsed_.header;
+  // An image opened to be checked is repaired by that check, and keeps its bitmaps: a repair
+  // writes no guest data, so they stay consistent.
+  if (for_check) co_return Status::Ok();
   if (h.dirty()) {
-    // Left dirty by a crash with lazy refcounts: repair before anything else is written.
-    Status s = co_await RepairRefcounts();
-    if (!s.ok()) co_return s.WithContext("Could not repair the dirty image");
+    // Left dirty by a crash with lazy refcounts: repaired before anything else is written,
+    // as QEMU does, by a check that repairs everything (DESIGN.md rule 6).
+    auto r = co_await Check(kFixAll, nullptr);
+    if (!r.ok() || r->check_errors) {
+      Status s = r.ok() ? Status::Error(EIO, "") : r.status();
+      co_return Status::Error(
+          s.code(), fmt::format("Could not repair dirty image: {}", std::strerror(s.code())));
+    }
+    repaired_refcounts_ = r->leaks_fixed + r->corruptions_fixed;
   }
   // Autoclear bits we do not maintain are cleared before the first write, as the spec asks.
   // That includes "bitmaps": we do not update persistent bitmaps, so after our writes QEMU

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -13,8 +14,7 @@
 #include "format/refcount.h"
 #include "format/snapshot.h"
 #include "image/metadata_cache.h"
-#include <set>
-
+#include "image/qcow2_check.h"
 #include "qcow2kit/async_mutex.h"
 #include "qcow2kit/buffer.h"
 #include "qcow2kit/driver.h"
@@ -33,8 +33,7 @@ class Qcow2Image final : public FormatDriver {
   const char* format_name() const override { return "qcow2"; }
   uint64_t size() const override { return parsed_.header.size; }
   Task<Status> Fetch(uint64_t offset, uint64_t length, std::vector<Extent>* out) override;
-  Task<Status> ReadCompressed(const Extent& e, uint64_t offset,
-                              std::span<std::byte> out) override;
+  Task<Status> ReadCompressed(const Extent& e, uint64_t offset, std::span<std::byte> out) override;
   File* file(uint8_t index) const override {
     return index == 0 ? file_.get() : index == 1 ? data_file_.get() : nullptr;
   }
@@ -64,6 +63,12 @@ class Qcow2Image final : public FormatDriver {
   Task<Status> Close() override;
   bool has_backing() const { return parsed_.backing_file.has_value(); }
 
+  // ---- Check and repair (qcow2_check.cc) ----
+  // One run of qemu-img check's algorithm; with `fix` the image must be writable (opened with
+  // OpenOptions::check if it may be corrupt). Diagnostics go to `log`. An error means the
+  // check could not complete (qemu-img: "Check failed").
+  Task<Result<CheckResult>> Check(unsigned fix, const CheckLog& log);
+
   // One L2 table (all entries; for extended L2, entry/bitmap pairs interleaved), for
   // inspection tools. Goes through the L2 cache.
   Task<Result<std::vector<uint64_t>>> ReadL2Table(uint64_t table_offset);
@@ -78,8 +83,9 @@ class Qcow2Image final : public FormatDriver {
   Task<Status> LoadTables(const OpenOptions& options);
   Task<Status> LoadSnapshots();
   Task<Status> LoadBitmaps();
-  // Read-write open: refuses dirty images, clears autoclear bits we do not maintain.
-  Task<Status> PrepareForWriting();
+  // Read-write open: repairs dirty images, clears autoclear bits we do not maintain (unless
+  // opened `for_check`).
+  Task<Status> PrepareForWriting(bool for_check);
   // Appends the extents of guest clusters described by one L2 slice, starting at `offset`,
   // until `end` or the end of the slice.
   Status DecodeSlice(const uint8_t* slice, uint64_t first_entry_guest, uint64_t offset,
@@ -108,16 +114,11 @@ class Qcow2Image final : public FormatDriver {
   Task<Result<uint8_t*>> L2SliceForUpdate(uint64_t offset);
   Task<Status> CommitCluster(const MappingUpdate& u, uint64_t cluster_guest);
 
-  // -- repair (qcow2_repair.cc) --
-  class ReferenceCounter;
-  // Recomputes every refcount of a dirty (lazy refcounts) image and clears the dirty bit.
-  Task<Status> RepairRefcounts();
-  Task<Status> CountTableReferences(uint64_t l1_offset, uint64_t l1_size, bool active,
-                                    ReferenceCounter& counter);
+  friend class Qcow2Checker;
 
   // -- resize (qcow2_resize.cc) --
-  Task<Status> WriteSize(uint64_t new_size);     // header size field, synced
-  Task<Status> GrowL1(uint64_t entries);         // a bigger L1 table; meta_lock_ held
+  Task<Status> WriteSize(uint64_t new_size);  // header size field, synced
+  Task<Status> GrowL1(uint64_t entries);      // a bigger L1 table; meta_lock_ held
   Task<Status> Preallocate(uint64_t from, uint64_t to, Preallocation mode);
   Task<Status> Shrink(uint64_t new_size);
 
@@ -151,11 +152,11 @@ class Qcow2Image final : public FormatDriver {
   AsyncMutex meta_lock_;
   std::set<uint64_t> dirty_l1_;        // L1 indices changed since the last flush
   std::set<uint64_t> dirty_reftable_;  // refcount table indices changed since the last flush
-  uint64_t free_hint_ = 0;  // no free cluster below this index
+  uint64_t free_hint_ = 0;             // no free cluster below this index
   // Host clusters from here on have never been written since open (they lay past the end of
   // the file and nothing was allocated there), so they read as zeros.
   uint64_t unwritten_from_ = 0;
-  uint64_t repaired_refcounts_ = 0;             // no free cluster below this index
+  uint64_t repaired_refcounts_ = 0;
   struct Release {
     uint64_t offset;
     uint64_t length;
