@@ -4,10 +4,10 @@
 #pragma once
 
 #include <cstdint>
-#include <utility>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qcow2kit/file.h"
@@ -31,8 +31,7 @@ class FormatDriver {
   virtual Task<Status> Fetch(uint64_t offset, uint64_t length, std::vector<Extent>* out) = 0;
 
   // Fills `out` with the guest bytes at `offset` (inside compressed extent `e`).
-  virtual Task<Status> ReadCompressed(const Extent& e, uint64_t offset,
-                                      std::span<std::byte> out);
+  virtual Task<Status> ReadCompressed(const Extent& e, uint64_t offset, std::span<std::byte> out);
 
   // Whether block status looks for holes in the host file under data extents, and what it
   // reports for them, so that maps match qemu-img's: a raw file's holes are zeros without
@@ -78,6 +77,10 @@ class FormatDriver {
   // contents the block layer makes read as zeros); shrinking (only with kOff) unmaps everything
   // past the new end and returns the freed space. Mappings change: see the lifetime rule.
   virtual Task<Status> Resize(uint64_t new_size, Preallocation prealloc);
+  // Called by the block layer before it writes guest data to host space of file(file_index):
+  // refuses (EIO) a write that would land on the image's metadata, which only a damaged
+  // mapping can ask for, and marks the image corrupt.
+  virtual Task<Status> GuardDataWrite(uint8_t file_index, uint64_t host_offset, uint64_t length);
   // Makes everything committed so far durable: metadata written in dependency order, files
   // synced.
   virtual Task<Status> Flush();

@@ -11,10 +11,16 @@
 namespace qcow2kit {
 namespace {
 
-uint64_t AlignDown(uint64_t v, uint64_t a) { return v / a * a; }
-uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+uint64_t AlignDown(uint64_t v, uint64_t a) {
+  return v / a * a;
+}
+uint64_t AlignUp(uint64_t v, uint64_t a) {
+  return (v + a - 1) / a * a;
+}
 
-bool InPlace(const Extent& e) { return e.kind == ExtentKind::kData && e.writable; }
+bool InPlace(const Extent& e) {
+  return e.kind == ExtentKind::kData && e.writable;
+}
 
 // Writes zeros as data (where the format cannot record them as zero ranges).
 Task<Status> WriteZeroBytes(BlockDevice* dev, uint64_t offset, uint64_t length) {
@@ -38,7 +44,8 @@ uint64_t ZeroBlocksAtStart(std::span<const std::byte> b) {
 }
 uint64_t ZeroBlocksAtEnd(std::span<const std::byte> b) {
   uint64_t n = 0;
-  while (n + kZeroBlock <= b.size() && IsAllZero(b.subspan(b.size() - n - kZeroBlock, kZeroBlock))) {
+  while (n + kZeroBlock <= b.size() &&
+         IsAllZero(b.subspan(b.size() - n - kZeroBlock, kZeroBlock))) {
     n += kZeroBlock;
   }
   return n;
@@ -54,8 +61,8 @@ bool FillInPlace(const Extent& e) {
 // The bytes of whole units [lo, hi) for a write of `data` at `pos`: the write itself, or a
 // buffer with the head and tail the write does not cover copied from the current mapping
 // (backing file, zeros, compressed or shared data).
-Task<Result<std::span<const std::byte>>> WithCopyOnWrite(FormatDriver* d, uint64_t lo,
-                                                         uint64_t hi, uint64_t pos,
+Task<Result<std::span<const std::byte>>> WithCopyOnWrite(FormatDriver* d, uint64_t lo, uint64_t hi,
+                                                         uint64_t pos,
                                                          std::span<const std::byte> data,
                                                          AlignedBuffer* buffer) {
   const uint64_t end = pos + data.size();
@@ -67,16 +74,23 @@ Task<Result<std::span<const std::byte>>> WithCopyOnWrite(FormatDriver* d, uint64
   co_return std::span<const std::byte>(buffer->span());
 }
 
+// Writes guest data to host space of d->file(file_index), once the driver agreed that the
+// range holds no metadata (a damaged mapping could point there).
+Task<Status> WriteData(FormatDriver* d, uint8_t file_index, std::span<const std::byte> data,
+                       uint64_t host) {
+  QK_CO_RETURN_IF_ERROR(co_await d->GuardDataWrite(file_index, host, data.size()));
+  const uint64_t epoch = d->BeginIo();
+  Status s = co_await d->file(file_index)->WriteAt(data, host);
+  d->EndIo(epoch);
+  co_return s;
+}
+
 // Writes guest [lo, hi) to host space at `host` and maps it there. `payload` holds the bytes
 // from lo + skip on (the rest is already on disk).
 Task<Status> WriteAndCommit(FormatDriver* d, uint8_t file_index, uint64_t host, uint64_t lo,
                             uint64_t hi, std::span<const std::byte> payload, uint64_t skip = 0) {
-  if (!payload.empty()) {
-    uint64_t epoch = d->BeginIo();
-    Status s = co_await d->file(file_index)->WriteAt(payload, host + skip);
-    d->EndIo(epoch);
-    QK_CO_RETURN_IF_ERROR(s);
-  }
+  if (!payload.empty())
+    QK_CO_RETURN_IF_ERROR(co_await WriteData(d, file_index, payload, host + skip));
   MappingUpdate u;
   u.guest_offset = lo;
   u.length = hi - lo;
@@ -114,11 +128,10 @@ Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t r
     const uint64_t end = std::min(run_end, e.end());
     const uint64_t lo = AlignDown(pos, g);
     const uint64_t hi = std::min(AlignUp(end, g), size);
-    QK_CO_ASSIGN_OR_RETURN(auto payload, co_await WithCopyOnWrite(d, lo, hi, pos,
-                                                                  data.first(end - pos), &buffer));
-    QK_CO_RETURN_IF_ERROR(co_await WriteAndCommit(d, e.file_index,
-                                                  e.host_offset + (lo - e.guest_offset), lo, hi,
-                                                  payload));
+    QK_CO_ASSIGN_OR_RETURN(
+        auto payload, co_await WithCopyOnWrite(d, lo, hi, pos, data.first(end - pos), &buffer));
+    QK_CO_RETURN_IF_ERROR(co_await WriteAndCommit(
+        d, e.file_index, e.host_offset + (lo - e.guest_offset), lo, hi, payload));
     co_return end;
   }
   // New clusters. A cluster whose current data lives in host space we cannot write (shared
@@ -139,8 +152,8 @@ Task<Result<uint64_t>> AllocatingWrite(FormatDriver* d, uint64_t pos, uint64_t r
     hi = cstart + r.length;
     run_end = std::min(run_end, hi);
   }
-  QK_CO_ASSIGN_OR_RETURN(auto payload, co_await WithCopyOnWrite(d, lo, hi, pos,
-                                                                data.first(run_end - pos), &buffer));
+  QK_CO_ASSIGN_OR_RETURN(
+      auto payload, co_await WithCopyOnWrite(d, lo, hi, pos, data.first(run_end - pos), &buffer));
   const uint64_t host = r.host_offset + (lo - cstart);
   uint64_t skip_head = 0, skip_tail = 0;
   if (r.reads_zeros) {
@@ -181,11 +194,8 @@ Task<Status> BlockDevice::Write(uint64_t offset, std::span<const std::byte> buf,
     for (; i < extents.size() && pos < end && InPlace(extents[i]); ++i) {
       const Extent& e = extents[i];
       uint64_t n = std::min(e.end(), end) - pos;
-      uint64_t epoch = d->BeginIo();
-      Status s = co_await d->file(e.file_index)
-                     ->WriteAt(buf.subspan(pos - offset, n), e.host_offset + (pos - e.guest_offset));
-      d->EndIo(epoch);
-      if (!s.ok()) co_return s;
+      QK_CO_RETURN_IF_ERROR(co_await WriteData(d, e.file_index, buf.subspan(pos - offset, n),
+                                               e.host_offset + (pos - e.guest_offset)));
       pos += n;
     }
     if (pos >= end || i == extents.size()) continue;
@@ -200,8 +210,8 @@ Task<Status> BlockDevice::Write(uint64_t offset, std::span<const std::byte> buf,
   co_return Status::Ok();
 }
 
-Task<Status> BlockDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap,
-                                      bool fua, bool no_fallback) {
+Task<Status> BlockDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap, bool fua,
+                                      bool no_fallback) {
   if (offset > size() || length > size() - offset) {
     co_return Status::Invalid("write-zeroes past the end of the image");
   }
@@ -285,8 +295,12 @@ Task<Status> BlockDevice::Resize(uint64_t new_size, Preallocation prealloc) {
   co_return co_await Flush();
 }
 
-Task<Status> BlockDevice::Flush() { co_return co_await top_->Flush(); }
+Task<Status> BlockDevice::Flush() {
+  co_return co_await top_->Flush();
+}
 
-Task<Status> BlockDevice::Close() { co_return co_await top_->Close(); }
+Task<Status> BlockDevice::Close() {
+  co_return co_await top_->Close();
+}
 
 }  // namespace qcow2kit

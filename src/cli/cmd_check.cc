@@ -40,6 +40,15 @@ int RunCheck(const Cli& cli, const CheckArgs& a) {
   auto img = (*reactor)->BlockOn(tools::OpenSingleLayer(a.image.filename, *open));
   if (!img.ok()) return Fail(img.status());
   auto* q = dynamic_cast<Qcow2Image*>(img->get());
+  if (!q && a.image.format.empty() && open->writable) {
+    // What QEMU says when it opens a probed raw image for writing.
+    std::fprintf(stderr,
+                 "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+                 "         Automatically detecting the format is dangerous for raw images, "
+                 "write operations on block 0 will be restricted.\n"
+                 "         Specify the 'raw' format explicitly to remove the restrictions.\n",
+                 a.image.filename.c_str());
+  }
   if (!q) {
     Fail("This image format does not support checks");
     return kNoChecks;

@@ -63,23 +63,6 @@ void ParseExtraData(std::span<const uint8_t> extra, Snapshot* s) {
   }
 }
 
-Status CheckSnapshotL1(const Snapshot& s, uint32_t index, uint32_t cluster_bits) {
-  const std::string where = "snapshot " + std::to_string(index) + ": ";
-  if (s.l1_table_offset & ((1ull << cluster_bits) - 1)) {
-    return Status::Invalid(where + "L1 table offset " + Hex(s.l1_table_offset) +
-                           " is not cluster aligned");
-  }
-  if (s.l1_size > kMaxL1Entries) {
-    return Status::Invalid(where + "L1 table too large: l1_size " + std::to_string(s.l1_size) +
-                           " exceeds " + std::to_string(kMaxL1Entries));
-  }
-  if (s.l1_table_offset > uint64_t{INT64_MAX} - uint64_t{s.l1_size} * 8) {
-    return Status::Invalid(where + "L1 table offset " + Hex(s.l1_table_offset) +
-                           " lies beyond the largest file offset");
-  }
-  return Status::Ok();
-}
-
 Status CheckBitmapEntry(std::span<const uint8_t> e, uint32_t index) {
   const std::string where = "bitmap directory entry " + std::to_string(index) + ": ";
   const uint32_t name_size = LoadBE16(&e[kBmNameSize]);
@@ -124,7 +107,7 @@ Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed, uint32_t vers
 }
 
 Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t version,
-                                    uint32_t index, uint32_t cluster_bits) {
+                                    uint32_t index) {
   Result<uint64_t> size = SnapshotEntrySize(entry, version);
   if (!size.ok()) {
     return Status::Invalid("snapshot " + std::to_string(index) + ": " + size.status().message());
@@ -147,8 +130,24 @@ Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t ver
   ParseExtraData(entry.subspan(kSnapshotFixedSize, extra), &s);
   s.id = StringAt(entry, kSnapshotFixedSize + extra, id_size);
   s.name = StringAt(entry, kSnapshotFixedSize + extra + id_size, name_size);
-  QK_RETURN_IF_ERROR(CheckSnapshotL1(s, index, cluster_bits));
   return s;
+}
+
+Status ValidateSnapshotL1(const Snapshot& s, uint32_t index, uint32_t cluster_bits) {
+  const std::string where = "snapshot " + std::to_string(index) + ": ";
+  if (s.l1_table_offset & ((1ull << cluster_bits) - 1)) {
+    return Status::Invalid(where + "L1 table offset " + Hex(s.l1_table_offset) +
+                           " is not cluster aligned");
+  }
+  if (s.l1_size > kMaxL1Entries) {
+    return Status::Invalid(where + "L1 table too large: l1_size " + std::to_string(s.l1_size) +
+                           " exceeds " + std::to_string(kMaxL1Entries));
+  }
+  if (s.l1_table_offset > uint64_t{INT64_MAX} - uint64_t{s.l1_size} * 8) {
+    return Status::Invalid(where + "L1 table offset " + Hex(s.l1_table_offset) +
+                           " lies beyond the largest file offset");
+  }
+  return Status::Ok();
 }
 
 std::vector<uint8_t> EncodeSnapshotEntry(const Snapshot& s) {

@@ -24,10 +24,10 @@ struct Snapshot {
   uint32_t date_sec = 0;
   uint32_t date_nsec = 0;
   uint64_t vm_clock_nsec = 0;
-  uint64_t vm_state_size = 0;              // 64-bit value from extra data if present
-  std::optional<uint64_t> disk_size;       // extra data +8
-  std::optional<uint64_t> icount;          // extra data +16; absent or ~0 = off
-  std::vector<uint8_t> extra_data;         // verbatim
+  uint64_t vm_state_size = 0;         // 64-bit value from extra data if present
+  std::optional<uint64_t> disk_size;  // extra data +8
+  std::optional<uint64_t> icount;     // extra data +16; absent or ~0 = off
+  std::vector<uint8_t> extra_data;    // verbatim
 
   friend bool operator==(const Snapshot&, const Snapshot&) = default;
 };
@@ -37,7 +37,10 @@ struct Snapshot {
 Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed, uint32_t version);
 // Decodes one entry (`entry` holds exactly SnapshotEntrySize bytes). `index` is for messages.
 Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t version,
-                                    uint32_t index, uint32_t cluster_bits);
+                                    uint32_t index);
+// Whether the snapshot's L1 table can be used: cluster aligned, at most 32 MiB, inside the
+// largest file offset. Separate from parsing, so that check can report a bad entry.
+Status ValidateSnapshotL1(const Snapshot& s, uint32_t index, uint32_t cluster_bits);
 // Encodes one entry, padded to 8 bytes.
 // Like QEMU, writes at least 24 bytes of extra data: `extra_data` (resized to 24 if shorter)
 // with its first 24 bytes replaced by vm_state_size, disk_size (absent: 0, so set it -- QEMU

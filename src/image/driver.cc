@@ -50,6 +50,10 @@ Task<Status> FormatDriver::Resize(uint64_t, Preallocation) {
   co_return Status::Unsupported(std::string(format_name()) + ": resize not supported");
 }
 
+Task<Status> FormatDriver::GuardDataWrite(uint8_t, uint64_t, uint64_t) {
+  co_return Status::Ok();
+}
+
 Task<Status> FormatDriver::Flush() {
   for (uint8_t i = 0; i < 2; ++i) {
     if (File* f = file(i); f && f->writable()) QK_CO_RETURN_IF_ERROR(co_await f->Sync());

@@ -126,6 +126,7 @@ Task<Status> MetadataCache::WriteBack() {
             [](const Entry* a, const Entry* b) { return a->offset < b->offset; });
   for (Entry* e : dirty) {
     // Dirty entries are never evicted, so `e` stays valid across the write.
+    if (guard_) QK_CO_RETURN_IF_ERROR(guard_(e->offset, slice_bytes_));
     Status s = co_await file_->WriteAt(e->data.span(), e->offset);
     if (!s.ok()) {
       co_return s.WithContext(fmt::format("Could not write {} at offset {:#x}", what_, e->offset));

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <coroutine>
+#include <functional>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -51,8 +52,11 @@ class MetadataCache {
   // or loading.
   void DropAll();
   size_t dirty_count() const { return dirty_; }
-  // Writes every dirty slice, in offset order, and marks them clean.
+  // Writes every dirty slice, in offset order, and marks them clean. Each write is first
+  // offered to the guard (if set), which may refuse it (the slice stays dirty).
   Task<Status> WriteBack();
+  using WriteGuard = std::function<Status(uint64_t offset, uint64_t length)>;
+  void set_write_guard(WriteGuard guard) { guard_ = std::move(guard); }
 
  private:
   struct Entry {
@@ -74,6 +78,7 @@ class MetadataCache {
   std::unordered_map<uint64_t, Lru::iterator> map_;
   std::unordered_map<uint64_t, Loading*> loading_;
   size_t dirty_ = 0;
+  WriteGuard guard_;
   uint64_t hits_ = 0;
   uint64_t misses_ = 0;
 };

@@ -115,6 +115,7 @@ Task<Status> Qcow2Image::EnsureRefblock(uint64_t ti) {
                       refcount_geometry_.refcount_order, 1);
   reftable_[ti] = block;
   dirty_reftable_.insert(ti);
+  metadata_map_.AddTable(MetadataMap::kRefcountBlock, block);
   unwritten_from_ = std::max(unwritten_from_, block + cs);
   co_return Status::Ok();
 }
@@ -169,6 +170,7 @@ Task<Status> Qcow2Image::GrowRefcountTable(uint64_t min_entries) {
   parsed_.header.refcount_table_offset = first * cs;
   parsed_.header.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
   dirty_reftable_.clear();  // every entry was just written with the new table
+  RebuildMetadataMap();
   if (old_offset != 0) ReleaseLater(old_offset, old_clusters * cs, /*metadata=*/true);
   for (auto& r : releases_) {
     if (r.metadata && r.offset == old_offset) r.durable = true;  // the header switch is synced
@@ -194,9 +196,13 @@ Task<Status> Qcow2Image::ApplyReleases() {
     (safe ? ready : later).push_back(r);
   }
   releases_ = std::move(later);
+  bool tables_freed = false;
   for (const Release& r : ready) {
     QK_CO_RETURN_IF_ERROR(co_await UpdateRefcounts(r.offset, r.length, -1));
+    tables_freed |= r.metadata;
   }
+  // A freed table's clusters may hold guest data from now on.
+  if (tables_freed) RebuildMetadataMap();
   co_return Status::Ok();
 }
 

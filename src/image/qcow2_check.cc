@@ -76,6 +76,10 @@ Task<Status> Qcow2Checker::FixEntryByZero(uint64_t l2_offset, uint8_t* table, ui
     format::StoreBE64(e, format::kOflagZero);
   }
   const uint64_t at = l2_offset + index * g.l2_entry_bytes();
+  Status guard = img_.CheckOverlap(
+      at, g.l2_entry_bytes(),
+      MetadataMap::Bit(MetadataMap::kActiveL2) | MetadataMap::Bit(MetadataMap::kInactiveL1));
+  if (!guard.ok()) co_return co_await img_.MarkCorruptIfNeeded(guard);
   Status s = co_await img_.file_->WriteAt(std::as_bytes(std::span(e, g.l2_entry_bytes())), at);
   if (s.ok()) s = co_await img_.file_->Sync();
   // The cached slice (if any) is stale now.
@@ -288,8 +292,9 @@ Task<Status> Qcow2Checker::CheckRefblocks(CheckResult& res, unsigned fix, bool* 
                       fix & kFixErrors ? "Repairing" : "ERROR", i));
       if (fix & kFixErrors) {
         // Growing the file makes the block part of it (reading as zeros: no refcounts).
-        Status s = offset > (1ull << 62) ? Status::Error(EINVAL, "")
-                                         : co_await img_.file_->Truncate(offset + cs);
+        // (No co_await inside a conditional expression: GCC 12 miscompiles it.)
+        Status s = Status::Error(EINVAL, "");
+        if (offset <= (1ull << 62)) s = co_await img_.file_->Truncate(offset + cs);
         if (s.ok()) {
           auto size = img_.file_->Size();
           if (!size.ok()) {
@@ -508,6 +513,13 @@ Task<Status> Qcow2Checker::CheckCopied(CheckResult& res, unsigned fix) {
       }
     }
     if (dirty) {
+      Status guard = img_.CheckOverlap(l2_offset, cs, MetadataMap::Bit(MetadataMap::kActiveL2));
+      if (!guard.ok()) {
+        Log(fmt::format("ERROR: Could not write L2 table; metadata overlap check failed: {}",
+                        ErrnoText(guard)));
+        ++res.check_errors;
+        co_return co_await img_.MarkCorruptIfNeeded(guard);
+      }
       Status s = co_await img_.file_->WriteAt(std::as_bytes(std::span(t, cs)), l2_offset);
       for (uint64_t o = 0; o < cs; o += img_.slice_bytes_) img_.l2_cache_->Drop(l2_offset + o);
       if (!s.ok()) {

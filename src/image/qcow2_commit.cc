@@ -48,9 +48,10 @@ Task<std::unique_ptr<FormatDriver::RangeGuard>> Qcow2Image::LockRange(uint64_t o
 }
 
 Task<Result<FormatDriver::Reservation>> Qcow2Image::Reserve(uint64_t guest_offset,
-                                                             uint64_t length) {
+                                                            uint64_t length) {
   const uint64_t cs = geometry_.cluster_size();
   const uint64_t clusters = (length + cs - 1) / cs;
+  QK_CO_RETURN_IF_ERROR(RefuseIfCorrupt());
   Reservation r;
   if (geometry_.has_data_file) {
     // Guest data lives at the same offset in the data file and is not refcounted.
@@ -97,6 +98,7 @@ Task<Result<uint8_t*>> Qcow2Image::L2SliceForUpdate(uint64_t offset) {
     if (table != 0) ReleaseLater(table, cs, /*metadata=*/true);
     table = fresh;
     l1_[l1_index] = fresh | format::kOflagCopied;
+    metadata_map_.AddTable(MetadataMap::kActiveL2, fresh);
     dirty_l1_.insert(l1_index);
   }
   const uint64_t slice_entries = slice_bytes_ / geometry_.l2_entry_bytes();
@@ -109,6 +111,7 @@ Task<Result<uint8_t*>> Qcow2Image::L2SliceForUpdate(uint64_t offset) {
 Task<Status> Qcow2Image::Commit(std::span<const MappingUpdate> updates) {
   const uint64_t cs = geometry_.cluster_size();
   auto guard = co_await meta_lock_.Lock();
+  QK_CO_RETURN_IF_ERROR(RefuseIfCorrupt());
   for (const MappingUpdate& u : updates) {
     for (uint64_t c = u.guest_offset & ~(cs - 1); c < u.guest_offset + u.length; c += cs) {
       QK_CO_RETURN_IF_ERROR(co_await CommitCluster(u, c));
@@ -131,7 +134,7 @@ Task<Status> Qcow2Image::CommitCluster(const MappingUpdate& u, uint64_t cg) {
   const bool data_file = geometry_.has_data_file;
   const bool zero_flag = parsed_.header.version >= 3;
 
-  QK_CO_ASSIGN_OR_RETURN(uint8_t* p, co_await L2SliceForUpdate(cg));
+  QK_CO_ASSIGN_OR_RETURN(uint8_t * p, co_await L2SliceForUpdate(cg));
   const uint64_t old = format::LoadBE64(p);
   const uint64_t old_bitmap = geometry_.extended_l2 ? format::LoadBE64(p + 8) : 0;
   const ClusterType type = format::ClassifyCluster(old, geometry_);
@@ -186,8 +189,8 @@ Task<Status> Qcow2Image::CommitCluster(const MappingUpdate& u, uint64_t cg) {
     const uint64_t sc = geometry_.subcluster_size();
     const uint32_t first = static_cast<uint32_t>((lo - cg) / sc);
     const uint32_t last = static_cast<uint32_t>((hi - cg + sc - 1) / sc);  // exclusive
-    const uint64_t mask = (last - first == 32) ? 0xffffffffull
-                                               : ((1ull << (last - first)) - 1) << first;
+    const uint64_t mask =
+        (last - first == 32) ? 0xffffffffull : ((1ull << (last - first)) - 1) << first;
     switch (kind) {
       case MappingUpdate::Kind::kData:
         if (new_host == old_host && (old & format::kOflagCopied)) {

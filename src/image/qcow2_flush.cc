@@ -46,6 +46,13 @@ Task<Status> Qcow2Image::Flush() {
 }
 
 Task<Status> Qcow2Image::FlushLocked(bool write_refcounts) {
+  Status s = co_await WriteTables(write_refcounts);
+  if (s.ok()) co_return s;
+  co_return co_await MarkCorruptIfNeeded(std::move(s));
+}
+
+Task<Status> Qcow2Image::WriteTables(bool write_refcounts) {
+  QK_CO_RETURN_IF_ERROR(RefuseIfCorrupt());  // nothing more is written to a corrupt image
   QK_CO_RETURN_IF_ERROR(co_await ApplyReleases());
   const bool l2_dirty = l2_cache_->dirty_count() > 0 || !dirty_l1_.empty();
   if (l2_dirty && header().lazy_refcounts() && !header().dirty()) {
@@ -62,8 +69,9 @@ Task<Status> Qcow2Image::FlushLocked(bool write_refcounts) {
     for (uint64_t i : dirty_reftable_) {
       uint8_t b[8];
       format::StoreBE64(b, reftable_[i]);
-      QK_CO_RETURN_IF_ERROR(
-          co_await WriteHeaderBytes(parsed_.header.refcount_table_offset + i * 8, b));
+      const uint64_t at = parsed_.header.refcount_table_offset + i * 8;
+      QK_CO_RETURN_IF_ERROR(CheckOverlap(at, 8, MetadataMap::Bit(MetadataMap::kRefcountTable)));
+      QK_CO_RETURN_IF_ERROR(co_await WriteHeaderBytes(at, b));
     }
     dirty_reftable_.clear();
   }
@@ -75,8 +83,9 @@ Task<Status> Qcow2Image::FlushLocked(bool write_refcounts) {
       for (uint64_t i : dirty_l1_) {
         uint8_t b[8];
         format::StoreBE64(b, l1_[i]);
-        QK_CO_RETURN_IF_ERROR(
-            co_await WriteHeaderBytes(parsed_.header.l1_table_offset + i * 8, b));
+        const uint64_t at = parsed_.header.l1_table_offset + i * 8;
+        QK_CO_RETURN_IF_ERROR(CheckOverlap(at, 8, MetadataMap::Bit(MetadataMap::kActiveL1)));
+        QK_CO_RETURN_IF_ERROR(co_await WriteHeaderBytes(at, b));
       }
       dirty_l1_.clear();
     }
@@ -89,6 +98,8 @@ Task<Status> Qcow2Image::FlushLocked(bool write_refcounts) {
 Task<Status> Qcow2Image::Close() {
   if (!file_->writable()) co_return Status::Ok();
   auto guard = co_await meta_lock_.Lock();
+  // A corrupt image gets no more writes: what was not flushed is lost, as in QEMU.
+  if (!corruption_.empty()) co_return Status::Ok();
   // Twice: the first makes pending removals durable, the second writes the refcounts they
   // release.
   QK_CO_RETURN_IF_ERROR(co_await FlushLocked(true));

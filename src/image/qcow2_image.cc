@@ -22,6 +22,7 @@ Qcow2Image::Qcow2Image(std::unique_ptr<File> file, format::ParsedHeader parsed)
   const format::Header& h = parsed_.header;
   geometry_ = {h.cluster_bits, h.extended_l2(), h.has_data_file()};
   refcount_geometry_ = {h.cluster_bits, h.refcount_order};
+  metadata_map_ = MetadataMap(h.cluster_bits);
 }
 
 Qcow2Image::~Qcow2Image() = default;
@@ -51,9 +52,20 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
   const uint64_t cs = img->geometry_.cluster_size();
   img->unwritten_from_ = (file_size + cs - 1) / cs * cs;
   QK_CO_RETURN_IF_ERROR(co_await img->LoadTables(options));
-  QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots());
+  QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots(options.check));
   QK_CO_RETURN_IF_ERROR(co_await img->LoadBitmaps());
-  if (options.writable) QK_CO_RETURN_IF_ERROR(co_await img->PrepareForWriting(options.check));
+  if (options.writable) {
+    QK_CO_RETURN_IF_ERROR(co_await img->PrepareForWriting(options.check));
+    img->RebuildMetadataMap();
+    // Table writebacks may not land on other metadata either.
+    Qcow2Image* self = img.get();
+    img->l2_cache_->set_write_guard([self](uint64_t offset, uint64_t length) {
+      return self->CheckOverlap(offset, length, MetadataMap::Bit(MetadataMap::kActiveL2));
+    });
+    img->refcount_cache_->set_write_guard([self](uint64_t offset, uint64_t length) {
+      return self->CheckOverlap(offset, length, MetadataMap::Bit(MetadataMap::kRefcountBlock));
+    });
+  }
   co_return std::move(img);
 }
 
@@ -109,7 +121,7 @@ Task<Status> Qcow2Image::LoadTables(const OpenOptions& options) {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::LoadSnapshots() {
+Task<Status> Qcow2Image::LoadSnapshots(bool for_check) {
   const format::Header& h = parsed_.header;
   uint64_t pos = h.snapshots_offset;
   for (uint32_t i = 0; i < h.nb_snapshots; ++i) {
@@ -133,7 +145,9 @@ Task<Status> Qcow2Image::LoadSnapshots() {
     }
     if (!got.ok()) co_return got.status().WithContext(fmt::format("Could not read snapshot {}", i));
     QK_CO_ASSIGN_OR_RETURN(format::Snapshot snap,
-                           format::ParseSnapshotEntry(entry, h.version, i, h.cluster_bits));
+                           format::ParseSnapshotEntry(entry, h.version, i));
+    // A check reports a bad L1 table of a snapshot instead of refusing the image.
+    if (!for_check) QK_CO_RETURN_IF_ERROR(format::ValidateSnapshotL1(snap, i, h.cluster_bits));
     snapshots_.push_back(std::move(snap));
     pos += entry_size;
   }

@@ -14,6 +14,7 @@
 #include "format/refcount.h"
 #include "format/snapshot.h"
 #include "image/metadata_cache.h"
+#include "image/metadata_map.h"
 #include "image/qcow2_check.h"
 #include "qcow2kit/async_mutex.h"
 #include "qcow2kit/buffer.h"
@@ -61,6 +62,7 @@ class Qcow2Image final : public FormatDriver {
   Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
   Task<Status> Flush() override;
   Task<Status> Close() override;
+  Task<Status> GuardDataWrite(uint8_t file_index, uint64_t host_offset, uint64_t length) override;
   bool has_backing() const { return parsed_.backing_file.has_value(); }
 
   // ---- Check and repair (qcow2_check.cc) ----
@@ -81,7 +83,7 @@ class Qcow2Image final : public FormatDriver {
  private:
   Qcow2Image(std::unique_ptr<File> file, format::ParsedHeader parsed);
   Task<Status> LoadTables(const OpenOptions& options);
-  Task<Status> LoadSnapshots();
+  Task<Status> LoadSnapshots(bool for_check);
   Task<Status> LoadBitmaps();
   // Read-write open: repairs dirty images, clears autoclear bits we do not maintain (unless
   // opened `for_check`).
@@ -116,6 +118,15 @@ class Qcow2Image final : public FormatDriver {
 
   friend class Qcow2Checker;
 
+  // -- overlap protection (qcow2_overlap.cc) --
+  void RebuildMetadataMap();  // after tables moved or were freed
+  // OK, or EIO if [offset, offset + length) touches metadata not in `ignore` (MetadataMap
+  // bits), which records the corruption; also EIO once the image was found corrupt.
+  Status CheckOverlap(uint64_t offset, uint64_t length, unsigned ignore);
+  Status RefuseIfCorrupt() const;  // EIO once the overlap check found damage
+  // Returns `s`, first writing the corrupt bit if CheckOverlap found damage.
+  Task<Status> MarkCorruptIfNeeded(Status s);
+
   // -- resize (qcow2_resize.cc) --
   Task<Status> WriteSize(uint64_t new_size);  // header size field, synced
   Task<Status> GrowL1(uint64_t entries);      // a bigger L1 table; meta_lock_ held
@@ -124,6 +135,7 @@ class Qcow2Image final : public FormatDriver {
 
   // -- writeback (qcow2_flush.cc) --
   Task<Status> FlushLocked(bool write_refcounts);
+  Task<Status> WriteTables(bool write_refcounts);  // FlushLocked without the corrupt marking
   Task<Status> WriteHeaderBytes(uint64_t offset, std::span<const uint8_t> bytes);
   Task<Status> SetIncompatibleBit(uint64_t bit, bool on);
   Task<Status> SyncFiles();
@@ -147,6 +159,9 @@ class Qcow2Image final : public FormatDriver {
   AlignedBuffer decompressed_;
   uint64_t decompressed_host_ = Extent::kNoHost;
   int metadata_preallocated_ = -1;  // unknown until ProbeHostHoles() first runs
+
+  MetadataMap metadata_map_{16};
+  std::string corruption_;  // what the overlap check prevented; empty while all is well
 
   // Write state. Metadata changes (allocation, commit, flush) happen under meta_lock_.
   AsyncMutex meta_lock_;

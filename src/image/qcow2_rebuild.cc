@@ -95,6 +95,7 @@ Task<Status> Qcow2Checker::RebuildRefcounts(CheckResult& res) {
   img_.reftable_ = std::move(table);
   img_.dirty_reftable_.clear();
   img_.refcount_cache_->DropAll();
+  img_.RebuildMetadataMap();
   img_.free_hint_ = 0;
   img_.unwritten_from_ = std::max(img_.unwritten_from_, (start + extra) * cs);
   co_return Status::Ok();

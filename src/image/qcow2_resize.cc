@@ -2,8 +2,9 @@
 // shrinking (unmapping everything past the new end, freeing L2 tables, truncating the file).
 //
 // Crash safety: a grown L1 table is written and synced, with its refcounts, before the header
-// points at it; the new size is written after the L1 growth, and when shrinking only after the removal of every mapping past the new end is durable, so that a crash never
-// leaves an image whose size exposes clusters that were meant to be dropped.
+// points at it; the new size is written after the L1 growth, and when shrinking only after the
+// removal of every mapping past the new end is durable, so that a crash never leaves an image whose
+// size exposes clusters that were meant to be dropped.
 #include <algorithm>
 
 #include "fmt/format.h"
@@ -15,13 +16,16 @@ namespace {
 
 constexpr uint64_t kMaxL1Bytes = 32ull << 20;  // QEMU's QCOW_MAX_L1_SIZE
 
-uint64_t DivRoundUp(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+uint64_t DivRoundUp(uint64_t a, uint64_t b) {
+  return a / b + (a % b != 0);
+}
 
 }  // namespace
 
 Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
   const uint64_t old_size = size();
   if (!file_->writable()) co_return Status::Error(EROFS, "the image is opened read-only");
+  QK_CO_RETURN_IF_ERROR(RefuseIfCorrupt());
   if (new_size % 512 != 0) co_return Status::Invalid("The new size must be a multiple of 512");
   if (!snapshots_.empty() && parsed_.header.version < 3) {
     co_return Status::Unsupported("Can't resize a v2 image which has snapshots");
@@ -84,6 +88,7 @@ Task<Status> Qcow2Image::GrowL1(uint64_t entries) {
   parsed_.header.l1_size = static_cast<uint32_t>(entries);
   parsed_.header.l1_table_offset = table;
   l1_.resize(entries, 0);
+  RebuildMetadataMap();
   if (old_table != 0 && old_bytes > 0) {
     ReleaseLater(old_table, DivRoundUp(old_bytes, cs) * cs, /*metadata=*/true);
     releases_.back().durable = true;  // the header switch is synced
@@ -119,7 +124,8 @@ Task<Status> Qcow2Image::Preallocate(uint64_t from, uint64_t to, Preallocation m
     if (host < host_end && !r.reads_zeros && !geometry_.has_data_file) {
       static const std::vector<std::byte> kZeros(1 << 20);
       for (uint64_t at = host; at < std::min(host_end, host + reserved);) {
-        const uint64_t n = std::min<uint64_t>(kZeros.size(), std::min(host_end, host + reserved) - at);
+        const uint64_t n =
+            std::min<uint64_t>(kZeros.size(), std::min(host_end, host + reserved) - at);
         QK_CO_RETURN_IF_ERROR(co_await f->WriteAt(std::span(kZeros).first(n), at));
         at += n;
       }
