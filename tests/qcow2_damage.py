@@ -398,7 +398,45 @@ def refcount_zero_l2(path, lay=None):
         lay.cluster_of(e & T.L1_OFFSET_MASK)) == 1)
     l2 = e & T.L1_OFFSET_MASK
     lay.set_refcount(lay.cluster_of(l2), 0)
-    return Damage("refcount-zero-l2", f"refcount of L2 table {l2:#x} (L1 index {i}) set to 0")
+    return Damage("refcount-zero-l2", f"refcount of L2 table {l2:#x} (L1 index {i}) set to 0",
+                  write_at=_unallocated_guest(lay))
+
+
+def _unallocated_guest(lay):
+    """A guest cluster without an entry in an existing active L2 table (a write there
+    allocates a data cluster, and no L2 table): the first fit hands out the first free
+    host cluster. None if there is none."""
+    n = lay.cs // lay.esize
+    used = {(e.l1_index, e.index) for e in lay.l2}
+    for i, _at, e in lay.l1:
+        if not e & T.L1_OFFSET_MASK:
+            continue
+        for j in range(n):
+            guest = (i * n + j) << lay.cb
+            if (i, j) not in used and guest + lay.cs <= lay.h["size"]:
+                return guest
+    return None
+
+
+def refcount_zero_l1(path, lay=None):
+    """Refcount 0 for the (first cluster of the) active L1 table: an allocating write may get
+    it as a data cluster (write_at is such a write)."""
+    lay = lay or layout(path)
+    c = lay.cluster_of(lay.l1_offset)
+    lay.set_refcount(c, 0)
+    return Damage("refcount-zero-l1", f"refcount of the L1 table cluster {c << lay.cb:#x} "
+                  "set to 0", write_at=_unallocated_guest(lay))
+
+
+def refcount_zero_refblock(path, lay=None):
+    """Refcount 0 for the first refcount block (it describes itself): an allocating write
+    may get it as a data cluster (write_at is such a write)."""
+    lay = lay or layout(path)
+    _i, _at, e = _pick(lay.reftable, "refcount block")
+    block = e & REFT_OFFSET_MASK
+    lay.set_refcount(lay.cluster_of(block), 0)
+    return Damage("refcount-zero-refblock", f"refcount of refcount block {block:#x} set to 0",
+                  write_at=_unallocated_guest(lay))
 
 
 def copied_cleared_l2(path, lay=None):
@@ -725,6 +763,8 @@ DAMAGES = {
     "refcount-high": refcount_high,
     "refcount-zero-data": refcount_zero_data,
     "refcount-zero-l2": refcount_zero_l2,
+    "refcount-zero-l1": refcount_zero_l1,
+    "refcount-zero-refblock": refcount_zero_refblock,
     "copied-cleared-l2": copied_cleared_l2,
     "copied-cleared-l1": copied_cleared_l1,
     "copied-set-shared-l2": copied_set_shared_l2,

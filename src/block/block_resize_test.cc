@@ -2,6 +2,7 @@
 // shrinking (the file is truncated), grown ranges reading zeros (never stale or backing data),
 // and the refusals. Every image must pass qemu-img check afterwards.
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "qcow2kit/block.h"
@@ -47,9 +48,7 @@ class ResizeTest : public ::testing::Test {
     EXPECT_EQ(rc, 0) << out;
   }
 
-  uint64_t FileSize(const std::string& name) {
-    return std::stoull(Out("stat -c %s " + name));
-  }
+  uint64_t FileSize(const std::string& name) { return std::stoull(Out("stat -c %s " + name)); }
 
   testing::ScratchDir dir_;
   std::unique_ptr<Reactor> reactor_;
@@ -69,7 +68,7 @@ TEST_F(ResizeTest, GrowsPastTheL1TableAndWritesAtTheFarEnd) {
   }
   ExpectClean("img.qcow2");
   Sh("qemu-io -c 'read -P 0x11 0 1M' -c 'read -P 0x22 2199023190016 64k' -c 'read -P 0 1G 1M' "
-     "img.qcow2 | grep -q verification && exit 1 || true");
+     "img.qcow2 >/dev/null");
   EXPECT_NE(Out("qemu-img info --output=json img.qcow2").find("\"virtual-size\": 2199023255552"),
             std::string::npos);
 }
@@ -102,13 +101,13 @@ TEST_F(ResizeTest, ShrinkDropsTheTailAndTruncatesTheFile) {
   ASSERT_TRUE(Resize("img.qcow2", 1000 * 1024).ok());
   ExpectClean("img.qcow2");
   EXPECT_LT(FileSize("img.qcow2"), 2u << 20);
-  Sh("qemu-io -c 'read -P 0x33 0 1000k' img.qcow2 | grep -q verification && exit 1 || true");
+  Sh("qemu-io -c 'read -P 0x33 0 1000k' img.qcow2 >/dev/null");
   // Growing again: the rest of the old last cluster and everything after reads zeros, unlike
   // qemu-img 7.2, which shows the stale bytes.
   ASSERT_TRUE(Resize("img.qcow2", 16 << 20).ok());
   ExpectClean("img.qcow2");
   Sh("qemu-io -c 'read -P 0x33 0 1000k' -c 'read -P 0 1000k 15384k' img.qcow2 "
-     "| grep -q verification && exit 1 || true");
+     ">/dev/null");
 }
 
 TEST_F(ResizeTest, ShrinkKeepsSnapshotData) {
@@ -120,9 +119,9 @@ TEST_F(ResizeTest, ShrinkKeepsSnapshotData) {
   ASSERT_TRUE(Resize("img.qcow2", 16 << 20).ok());
   ExpectClean("img.qcow2");
   Sh("qemu-io -c 'read -P 0x55 0 1M' -c 'read -P 0 1M 15M' img.qcow2 "
-     "| grep -q verification && exit 1 || true");
+     ">/dev/null");
   Sh("qemu-img convert -l snap -O raw img.qcow2 snap.raw");
-  Sh("qemu-io -f raw -c 'read -P 0x55 0 16M' snap.raw | grep -q verification && exit 1 || true");
+  Sh("qemu-io -f raw -c 'read -P 0x55 0 16M' snap.raw >/dev/null");
 }
 
 TEST_F(ResizeTest, GrownRangeHidesALongerBackingFile) {
@@ -149,7 +148,36 @@ TEST_F(ResizeTest, SmallClustersGrowTheL1TableManyTimes) {
   }
   ExpectClean("img.qcow2");
   Sh("qemu-io -c 'read -P 2 2044k 4k' -c 'read -P 32 32764k 4k' img.qcow2 "
-     "| grep -q verification && exit 1 || true");
+     ">/dev/null");
+}
+
+TEST_F(ResizeTest, PreallocationAfterARefcountTableGrowthKeepsIt) {
+  // 512-byte clusters: preallocating 64 MiB grows the refcount table, which is written past
+  // the end of the file; truncating the file to the preallocated end must not cut it off.
+  for (Preallocation p : {Preallocation::kMetadata, Preallocation::kFalloc}) {
+    Sh("rm -f img.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 64M");
+    Sh("qemu-io -c 'write -P 0x21 1M 64k' img.qcow2 >/dev/null");
+    ASSERT_TRUE(Resize("img.qcow2", 128 << 20, p).ok());
+    ExpectClean("img.qcow2");
+    Sh("qemu-io -c 'read -P 0x21 1M 64k' -c 'read -P 0 64M 64M' img.qcow2 >/dev/null");
+  }
+}
+
+TEST_F(ResizeTest, GrowsL1WhenTheFirstFreeRunIsTooShort) {
+  // After the refcount table moved, the clusters it left form a short free run at the start:
+  // the bigger L1 table must go past it, not fail (and not leak it).
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 64M");
+  auto dev = Open("img.qcow2");
+  ASSERT_TRUE(dev);
+  std::vector<std::byte> data(24 << 20, std::byte{0x41});
+  ASSERT_TRUE(reactor_->BlockOn(dev->Write(0, data)).ok());
+  ASSERT_TRUE(reactor_->BlockOn(dev->Close()).ok());
+  dev.reset();
+  ASSERT_TRUE(Resize("img.qcow2", 128 << 20).ok());
+  std::string out;
+  EXPECT_EQ(testing::Run("cd " + dir_.path() + " && qemu-img check img.qcow2", &out), 0) << out;
+  EXPECT_EQ(out.find("Leaked"), std::string::npos) << out;
+  Sh("qemu-io -c 'read -P 0x41 0 24M' img.qcow2 >/dev/null");
 }
 
 TEST_F(ResizeTest, RefusesWhatQemuRefuses) {

@@ -19,12 +19,14 @@ Task<Result<uint64_t>> Qcow2Image::AllocateClusters(uint64_t count, uint64_t* go
   const uint64_t cs = geometry_.cluster_size();
   const uint64_t epb = refcount_geometry_.block_entries();
   // First fit: the first free cluster, extended while the following ones are free too (up to
-  // `count`). Runs are cut by refcount blocks, which sit at the start of their range.
+  // `count`). Runs are cut by refcount blocks, which sit at the start of their range. A caller
+  // that needs all `count` clusters in one run skips shorter runs.
   uint64_t start = 0;
   uint64_t run = 0;
+  uint64_t first_free = UINT64_MAX;
   for (uint64_t i = free_hint_; run < count; ++i) {
     if (i >= (1ull << (56 - geometry_.cluster_bits))) {
-      if (run > 0) break;
+      if (run > 0 && got) break;
       co_return Status::Error(EFBIG, "no free host clusters left below the 64 PiB offset limit");
     }
     uint64_t ti = i / epb;
@@ -35,11 +37,15 @@ Task<Result<uint64_t>> Qcow2Image::AllocateClusters(uint64_t count, uint64_t* go
     if (!rc.ok()) co_return rc.status();
     if (*rc == 0) {
       if (run++ == 0) start = i;
+      first_free = std::min(first_free, i);
     } else if (run > 0) {
-      break;
+      if (got) break;
+      run = 0;
     }
   }
-  free_hint_ = start + run;  // first fit: everything from the old hint to here is used
+  // No free cluster below the hint: everything up to the end of this run is used, except a
+  // shorter run skipped on the way.
+  free_hint_ = first_free < start ? first_free : start + run;
   QK_CO_RETURN_IF_ERROR(co_await UpdateRefcounts(start * cs, run * cs, +1));
   if (got) {
     *got = run;

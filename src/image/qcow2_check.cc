@@ -14,8 +14,9 @@
 namespace qcow2kit {
 namespace {
 
-constexpr uint64_t kMaxL1Bytes = 32ull << 20;       // QCOW_MAX_L1_SIZE
-constexpr uint64_t kMaxRefcountArray = 1ull << 30;  // memory a check may take for counting
+constexpr uint64_t kMaxL1Bytes = 32ull << 20;          // QCOW_MAX_L1_SIZE
+constexpr uint64_t kMaxRefcountArray = 1ull << 30;     // memory a check may take for counting
+constexpr uint64_t kMaxRefblockGrowth = 256ull << 20;  // see CheckRefblocks
 constexpr uint64_t kBitmapEntryOffsetMask = 0x00fffffffffffe00ull;
 constexpr uint64_t kBitmapEntryReservedMask = 0xff000000000001feull;
 constexpr uint64_t kBitmapEntryAllOnes = 1;
@@ -291,10 +292,14 @@ Task<Status> Qcow2Checker::CheckRefblocks(CheckResult& res, unsigned fix, bool* 
       Log(fmt::format("{} refcount block {} is outside image",
                       fix & kFixErrors ? "Repairing" : "ERROR", i));
       if (fix & kFixErrors) {
-        // Growing the file makes the block part of it (reading as zeros: no refcounts).
-        // (No co_await inside a conditional expression: GCC 12 miscompiles it.)
-        Status s = Status::Error(EINVAL, "");
-        if (offset <= (1ull << 62)) s = co_await img_.file_->Truncate(offset + cs);
+        // Growing the file makes the block part of it (reading as zeros: no refcounts). Only
+        // near the end, unlike QEMU: a block far past it is garbage, and growing a sparse
+        // file to reach it would make every later pass walk terabytes. The rebuild that
+        // follows replaces it instead.
+        Status s = Status::Error(EFBIG, "");
+        if (offset < file_length_ + std::max<uint64_t>(file_length_, kMaxRefblockGrowth)) {
+          s = co_await img_.file_->Truncate(offset + cs);
+        }
         if (s.ok()) {
           auto size = img_.file_->Size();
           if (!size.ok()) {

@@ -31,6 +31,12 @@ Task<Status> Qcow2Image::SetIncompatibleBit(uint64_t bit, bool on) {
   uint64_t v = parsed_.header.incompatible_features;
   v = on ? (v | bit) : (v & ~bit);
   if (v == parsed_.header.incompatible_features) co_return Status::Ok();
+  if (parsed_.header.version < 3) {
+    // A v2 header has no feature fields (those bytes belong to the extensions): the bit
+    // lives in memory only, as in QEMU.
+    parsed_.header.incompatible_features = v;
+    co_return Status::Ok();
+  }
   uint8_t b[8];
   format::StoreBE64(b, v);
   QK_CO_RETURN_IF_ERROR(co_await WriteHeaderBytes(72, b));

@@ -3,6 +3,8 @@
 // against the MetadataMap first. A write that would land on metadata fails with EIO naming
 // what it would have hit, and the image is marked corrupt (incompatible bit 1, synced): from
 // then on it refuses every write, and it opens read-write again only to be repaired by check.
+#include <cstdio>
+
 #include "fmt/format.h"
 #include "image/qcow2_image.h"
 
@@ -54,6 +56,11 @@ Status Qcow2Image::CheckOverlap(uint64_t offset, uint64_t length, unsigned ignor
 
 Task<Status> Qcow2Image::MarkCorruptIfNeeded(Status s) {
   if (!corruption_.empty() && !parsed_.header.corrupt() && file_->writable()) {
+    // Said once, as QEMU does, for servers whose client only sees EIO.
+    std::fprintf(stderr,
+                 "qcow2: Marking image as corrupt: %s; further corruption events will be "
+                 "suppressed\n",
+                 corruption_.c_str());
     // Best effort: the write that found the damage fails either way.
     (void)co_await SetIncompatibleBit(format::kIncompatCorrupt, true);
   }

@@ -120,6 +120,7 @@ Task<Status> Qcow2Image::Preallocate(uint64_t from, uint64_t to, Preallocation m
     QK_CO_ASSIGN_OR_RETURN(Reservation r, co_await Reserve(c, run));
     const uint64_t host = r.host_offset, reserved = r.length;
     File* f = file(r.file_index);
+    QK_CO_RETURN_IF_ERROR(co_await GuardDataWrite(r.file_index, host, reserved));
     // Reused free space may hold old data: the new range must read zeros.
     if (host < host_end && !r.reads_zeros && !geometry_.has_data_file) {
       static const std::vector<std::byte> kZeros(1 << 20);
@@ -130,6 +131,9 @@ Task<Status> Qcow2Image::Preallocate(uint64_t from, uint64_t to, Preallocation m
         at += n;
       }
     }
+    // The file may have grown since (a bigger refcount table is written past everything):
+    // grow it, never cut it back.
+    QK_CO_ASSIGN_OR_RETURN(host_end, f->Size());
     if (host + reserved > host_end) {
       const Preallocation file_mode = mode == Preallocation::kMetadata ? Preallocation::kOff : mode;
       QK_CO_RETURN_IF_ERROR(co_await f->Truncate(host + reserved, file_mode));
