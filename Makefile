@@ -1,10 +1,11 @@
 # Entry points. `make` builds; `make demo` and `make test` also install dependencies first.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 CMAKE_GEN  := -G Ninja
 
-.PHONY: all deps build asan demo test test-fast test-asan bench crash-long format clean
+.PHONY: all deps build asan demo test test-fast test-asan bench crash-long fuzz fuzz-long format clean
 
 all: build
 
@@ -17,6 +18,10 @@ $(BUILD)/build.ninja:
 $(ASAN_BUILD)/build.ninja:
 	@cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DQCOW2KIT_SANITIZE=ON >/dev/null
 
+$(FUZZ_BUILD)/build.ninja:
+	@cmake -S . -B $(FUZZ_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_CXX_COMPILER=clang++ -DQCOW2KIT_FUZZ=ON >/dev/null
+
 build: $(BUILD)/build.ninja
 	@cmake --build $(BUILD) -j $(JOBS)
 
@@ -27,11 +32,13 @@ asan: $(ASAN_BUILD)/build.ninja
 demo: deps build
 	@./scripts/demo.sh $(BUILD)/qcow2kit
 
-# The whole suite, normally and under AddressSanitizer + UndefinedBehaviorSanitizer.
+# The whole suite, normally and under AddressSanitizer + UndefinedBehaviorSanitizer, then
+# each fuzz target for a short fixed time.
 test: deps build asan
 	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(ASAN_BUILD) -j $(JOBS) --output-on-failure
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
 
 test-fast: build
 	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
@@ -43,6 +50,16 @@ crash-long: deps build
 	@QCOW2KIT_CRASH_CUTS=$(CRASH_CUTS) QCOW2KIT_FAULT_POINTS=$(FAULT_POINTS) \
 	  $(BUILD)/unit_tests --gtest_filter='*CrashTest*' --gtest_brief=1
 
+# libFuzzer targets (fuzz/, clang, ASan + UBSan) on seeds made by fuzz/make_corpus.py.
+FUZZ_SECONDS ?= 60
+fuzz: deps build $(FUZZ_BUILD)/build.ninja
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_all
+	@python3 fuzz/run.py --build $(FUZZ_BUILD) --qcow2kit $(BUILD)/qcow2kit --seconds $(FUZZ_SECONDS)
+
+# Hours of fuzzing: an hour per target.
+fuzz-long:
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=3600
+
 bench: deps build
 	@python3 bench/bench_read.py --qcow2kit $(BUILD)/qcow2kit
 	@python3 bench/bench_write.py --qcow2kit $(BUILD)/qcow2kit
@@ -52,4 +69,4 @@ format:
 	@clang-format -i $$(git ls-files '*.cc' '*.h')
 
 clean:
-	@rm -rf $(BUILD) $(ASAN_BUILD)
+	@rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

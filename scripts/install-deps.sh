@@ -7,7 +7,8 @@ PKGS=(build-essential cmake ninja-build pkg-config
       libfmt-dev nlohmann-json3-dev libcli11-dev libssl-dev libgnutls28-dev
       libgtest-dev libgmock-dev libbenchmark-dev
       qemu-utils python3 util-linux
-      libnbd-bin nbdkit fio gnutls-bin fuse3 e2fsprogs)
+      libnbd-bin nbdkit fio gnutls-bin fuse3 e2fsprogs
+      clang libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

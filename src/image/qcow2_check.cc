@@ -24,17 +24,49 @@ constexpr uint64_t kAllAllocBits = 0xffffffffull;  // extended L2 bitmap, low ha
 
 // Tables read ahead while walking: enough to keep the device busy, bounded in memory.
 unsigned ReadDepth(uint64_t cluster_size) {
-  return static_cast<unsigned>(std::clamp<uint64_t>((4ull << 20) / cluster_size, 2, 32));
+  return static_cast<unsigned>(std::clamp<uint64_t>((1ull << 20) / cluster_size, 2, 32));
 }
 
 std::string ErrnoText(const Status& s) {
   return std::strerror(s.code());
 }
 
+// The tables that the entries of an L1 `table` point at, in order: every non-zero entry as
+// check_refcounts_l1 visits them (`by_offset` false), or only entries with an offset, as the
+// COPIED audit does (true).
+ReadAhead::RangeSource L2Tables(const std::vector<uint64_t>& table, uint64_t cs, bool by_offset) {
+  return [&table, cs, by_offset, i = size_t{0}](ByteRange* r) mutable {
+    for (; i < table.size(); ++i) {
+      const uint64_t offset = format::L1EntryOffset(table[i]);
+      if (by_offset ? offset != 0 : table[i] != 0) {
+        *r = {offset, cs};
+        ++i;
+        return true;
+      }
+    }
+    return false;
+  };
+}
+
 }  // namespace
 
 Qcow2Checker::Qcow2Checker(Qcow2Image& img, unsigned fix, const CheckLog& log)
     : img_(img), fix_(fix), log_(log), refs_(img.refcount_geometry(), 0) {}
+
+Task<Result<uint64_t>> Qcow2Checker::DiskRefcount(uint64_t host_offset) {
+  const uint64_t c = host_offset >> img_.geometry_.cluster_bits;
+  if (!refs_match_disk_ || c >= refs_.clusters()) {
+    co_return co_await img_.Refcount(host_offset);  // past the end of what was compared
+  }
+  const uint64_t per_block = img_.refcount_geometry_.block_entries();
+  const uint64_t t = c / per_block;
+  if (t < unreadable_blocks_.size() && unreadable_blocks_[t]) {
+    co_return Status::IoError("unreadable refcount block");
+  }
+  auto it = differing_blocks_.find(t);
+  if (it == differing_blocks_.end()) co_return refs_.Get(c);
+  co_return format::GetRefcount(it->second, c % per_block, img_.refcount_geometry_.refcount_order);
+}
 
 Status Qcow2Checker::Inc(CheckResult& res, uint64_t offset, uint64_t length) {
   if (length == 0) return Status::Ok();
@@ -199,20 +231,22 @@ Task<Status> Qcow2Checker::CheckL1(CheckResult& res, uint64_t l1_offset, uint64_
   if (l1_size == 0) co_return Status::Ok();
   const uint64_t cs = img_.geometry_.cluster_size();
   QK_CO_RETURN_IF_ERROR(Inc(res, l1_offset, l1_size * 8));
-  std::vector<uint64_t> l1(l1_size);
-  Status read =
-      co_await img_.file_->ReadZeroPadded(std::as_writable_bytes(std::span(l1)), l1_offset);
-  if (!read.ok()) {
-    Log("ERROR: I/O error in check_refcounts_l1");
-    ++res.check_errors;
-    co_return read;
+  // The active table is the one read at open (no copy: it can be 32 MiB); a snapshot's is
+  // read now.
+  std::vector<uint64_t> snapshot_l1;
+  if (!active) {
+    snapshot_l1.resize(l1_size);
+    Status read = co_await img_.file_->ReadZeroPadded(
+        std::as_writable_bytes(std::span(snapshot_l1)), l1_offset);
+    if (!read.ok()) {
+      Log("ERROR: I/O error in check_refcounts_l1");
+      ++res.check_errors;
+      co_return read;
+    }
+    for (uint64_t& e : snapshot_l1) e = format::LoadBE64(&e);
   }
-  std::vector<ByteRange> tables;
-  for (uint64_t& e : l1) {
-    e = format::LoadBE64(&e);
-    if (e) tables.push_back({format::L1EntryOffset(e), cs});
-  }
-  ReadAhead reads(img_.file_.get(), tables, ReadDepth(cs));
+  const std::vector<uint64_t>& l1 = active ? img_.l1_ : snapshot_l1;
+  ReadAhead reads(img_.file_.get(), L2Tables(l1, cs, false), ReadDepth(cs));
   for (uint64_t e : l1) {
     if (!e) continue;
     if (e & format::kL1ReservedMask) {
@@ -376,13 +410,25 @@ Task<Status> Qcow2Checker::CompareRefcounts(CheckResult& res, unsigned fix, bool
   const uint64_t clusters = refs_.clusters();
   const uint64_t blocks = (clusters + per_block - 1) / per_block;
   // The on-disk blocks that cover the clusters, read ahead in order.
-  std::vector<ByteRange> reads;
-  for (uint64_t t = 0; t < blocks && t < img_.reftable_.size(); ++t) {
-    const uint64_t b = img_.reftable_[t] & format::kRefcountTableOffsetMask;
-    if (b != 0 && (b & (cs - 1)) == 0) reads.push_back({b, cs});
-  }
-  ReadAhead ahead(img_.file_.get(), reads, ReadDepth(cs));
+  uint64_t next_block = 0;
+  ReadAhead ahead(
+      img_.file_.get(),
+      [&, this](ByteRange* r) {
+        for (; next_block < blocks && next_block < img_.reftable_.size(); ++next_block) {
+          const uint64_t b = img_.reftable_[next_block] & format::kRefcountTableOffsetMask;
+          if (b != 0 && (b & (cs - 1)) == 0) {
+            *r = {b, cs};
+            ++next_block;
+            return true;
+          }
+        }
+        return false;
+      },
+      ReadDepth(cs));
   *highest = 0;
+  differing_blocks_.clear();
+  unreadable_blocks_.assign(blocks, false);
+  refs_match_disk_ = true;
   for (uint64_t t = 0; t < blocks; ++t) {
     const uint64_t first = t * per_block;
     const uint64_t end = std::min(clusters, first + per_block);
@@ -396,6 +442,7 @@ Task<Status> Qcow2Checker::CompareRefcounts(CheckResult& res, unsigned fix, bool
           Log(fmt::format("Can't get refcount for cluster {}: {}", c, ErrnoText(got.status())));
           ++res.check_errors;
         }
+        unreadable_blocks_[t] = true;
         continue;
       }
       disk = *got;
@@ -405,6 +452,7 @@ Task<Status> Qcow2Checker::CompareRefcounts(CheckResult& res, unsigned fix, bool
         Log(fmt::format("Can't get refcount for cluster {}: {}", c, std::strerror(EIO)));
         ++res.check_errors;
       }
+      unreadable_blocks_[t] = true;
       continue;
     }
     std::span<const uint8_t> mine = refs_.Block(t);
@@ -419,6 +467,10 @@ Task<Status> Qcow2Checker::CompareRefcounts(CheckResult& res, unsigned fix, bool
       }
       continue;
     }
+    // This block differs: remember what is on disk (after the repairs below).
+    std::vector<uint8_t>& kept = differing_blocks_[t];
+    kept.assign(cs, 0);
+    if (!disk.empty()) std::copy(disk.begin(), disk.end(), kept.begin());
     for (uint64_t c = first; c < end; ++c) {
       const uint64_t on_disk =
           disk.empty() ? 0 : format::GetRefcount(disk, c - first, rg.refcount_order);
@@ -443,6 +495,7 @@ Task<Status> Qcow2Checker::CompareRefcounts(CheckResult& res, unsigned fix, bool
             co_await img_.UpdateRefcounts(c * cs, cs, static_cast<int64_t>(counted - on_disk));
         if (s.ok()) {
           ++*fixed;
+          format::SetRefcount(kept, c - first, rg.refcount_order, counted);
           continue;
         }
       }
@@ -458,16 +511,12 @@ Task<Status> Qcow2Checker::CheckCopied(CheckResult& res, unsigned fix) {
                       ((fix & kFixLeaks) && !res.check_errors && !res.corruptions && !res.leaks);
   const format::Geometry& g = img_.geometry_;
   const uint64_t cs = g.cluster_size();
-  std::vector<ByteRange> tables;
-  for (uint64_t e : img_.l1_) {
-    if (format::L1EntryOffset(e)) tables.push_back({format::L1EntryOffset(e), cs});
-  }
-  ReadAhead reads(img_.file_.get(), tables, ReadDepth(cs));
+  ReadAhead reads(img_.file_.get(), L2Tables(img_.l1_, cs, true), ReadDepth(cs));
   for (uint64_t i = 0; i < img_.l1_.size(); ++i) {
     const uint64_t l1e = img_.l1_[i];
     const uint64_t l2_offset = format::L1EntryOffset(l1e);
     if (!l2_offset) continue;
-    auto rc = co_await img_.Refcount(l2_offset);
+    auto rc = co_await DiskRefcount(l2_offset);
     if (rc.ok() && (*rc == 1) != ((l1e & format::kOflagCopied) != 0)) {
       ++res.corruptions;
       Log(fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
@@ -503,7 +552,7 @@ Task<Status> Qcow2Checker::CheckCopied(CheckResult& res, unsigned fix) {
       }
       uint64_t refcount = 1;
       if (!g.has_data_file) {
-        auto r = co_await img_.Refcount(format::L2EntryOffset(entry));
+        auto r = co_await DiskRefcount(format::L2EntryOffset(entry));
         if (!r.ok()) continue;  // reported by the comparison already
         refcount = *r;
       }
@@ -568,6 +617,7 @@ Task<Status> Qcow2Checker::CheckRefcounts(CheckResult& res) {
     refs_.Clear();
     QK_CO_RETURN_IF_ERROR(co_await CalculateRefcounts(res, kFixNothing, &rebuild));
     uint64_t fresh_leaks = 0;
+    refs_match_disk_ = false;  // until a comparison against the new structures
     if (fix_ & kFixLeaks) {
       const CheckResult saved = res;
       res = CheckResult{};
@@ -599,6 +649,7 @@ Task<Status> Qcow2Checker::CheckRefcounts(CheckResult& res) {
   }
   QK_CO_RETURN_IF_ERROR(co_await CheckCopied(res, fix_));
   res.image_end_offset = (highest + 1) * cs;
+  refs_ = RefcountArray(img_.refcount_geometry_, 0);  // frees it
   co_return Status::Ok();
 }
 

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "image/refcount_array.h"
 #include "qcow2kit/status.h"
@@ -80,7 +82,15 @@ class Qcow2Checker {
   Qcow2Image& img_;
   unsigned fix_;
   CheckLog log_;
-  RefcountArray refs_;
+  RefcountArray refs_;  // references counted from the metadata
+  // The refcounts on disk as the last comparison left them, where they differ from refs_:
+  // whole refcount blocks (their bytes), by table index. Nothing for a consistent image.
+  std::unordered_map<uint64_t, std::vector<uint8_t>> differing_blocks_;
+  std::vector<bool> unreadable_blocks_;  // refcount blocks that could not be read
+  bool refs_match_disk_ = true;          // false: ask the image for refcounts instead
+  // The refcount on disk of the cluster at `host_offset` (for the COPIED audit); an error if
+  // its block could not be read.
+  Task<Result<uint64_t>> DiskRefcount(uint64_t host_offset);
   uint64_t file_length_ = 0;  // of the image file, as the counting started
 };
 

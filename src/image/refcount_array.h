@@ -34,6 +34,7 @@ class RefcountArray {
   // The refcounts that refcount block `table_index` holds, as the block's bytes (one cluster;
   // zeros past the end of the array).
   std::span<const uint8_t> Block(uint64_t table_index);
+
   // Whether no cluster of [first, first + count) has a reference.
   bool RangeFree(uint64_t first, uint64_t count) const;
   size_t memory_bytes() const { return bytes_.capacity(); }

@@ -17,7 +17,8 @@ struct ReadAhead::State {
     Wakeup wake;
   };
   File* file;
-  std::vector<ByteRange> ranges;
+  ReadAhead::RangeSource next;
+  bool exhausted = false;
   std::vector<Slot> slots;
   size_t issued = 0;
   size_t delivered = 0;
@@ -36,10 +37,10 @@ Task<void> ReadSlot(std::shared_ptr<ReadAhead::State> st, size_t slot, ByteRange
 
 }  // namespace
 
-ReadAhead::ReadAhead(File* file, std::vector<ByteRange> ranges, unsigned depth)
+ReadAhead::ReadAhead(File* file, RangeSource next, unsigned depth)
     : state_(std::make_shared<State>()) {
   state_->file = file;
-  state_->ranges = std::move(ranges);
+  state_->next = std::move(next);
   state_->slots.resize(std::max(1u, depth));
 }
 
@@ -47,13 +48,14 @@ ReadAhead::~ReadAhead() = default;
 
 Task<Result<std::span<uint8_t>>> ReadAhead::Next() {
   State& st = *state_;
-  if (st.delivered >= st.ranges.size()) {
-    co_return Status::Invalid("ReadAhead: no range left to read");
-  }
   // The slot of the range delivered last time is free again: refill every free slot.
   const size_t depth = st.slots.size();
-  while (st.issued < st.ranges.size() && st.issued - st.delivered < depth) {
-    const ByteRange r = st.ranges[st.issued];
+  while (!st.exhausted && st.issued - st.delivered < depth) {
+    ByteRange r;
+    if (!st.next(&r)) {
+      st.exhausted = true;
+      break;
+    }
     auto& s = st.slots[st.issued % depth];
     if (s.buf.size() < r.length) s.buf.Resize(static_cast<size_t>(r.length));
     s.length = r.length;
@@ -61,6 +63,7 @@ Task<Result<std::span<uint8_t>>> ReadAhead::Next() {
     Reactor::Current()->Spawn(ReadSlot(state_, st.issued % depth, r));
     ++st.issued;
   }
+  if (st.delivered == st.issued) co_return Status::Invalid("ReadAhead: no range left to read");
   auto& s = st.slots[st.delivered % depth];
   while (!s.done) co_await s.wake.Wait();
   ++st.delivered;

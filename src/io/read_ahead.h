@@ -3,16 +3,20 @@
 // rather than once per table. Bytes past the end of the file read as zeros (as QEMU's block
 // layer returns them).
 //
-//   ReadAhead ra(file, ranges, /*depth=*/16);
-//   for (size_t i = 0; i < ranges.size(); ++i) {
-//     auto bytes = co_await ra.Next();   // ranges[i]; valid until the next Next()
+//   ReadAhead ra(file, [&](ByteRange* r) { ...; return more; }, /*depth=*/16);
+//   while (...) {
+//     auto bytes = co_await ra.Next();   // the next range; valid until the next Next()
 //   }
+//
+// Ranges come from a generator, called as reads are issued, so that a walk over millions of
+// tables needs no list of them.
 //
 // Reads still in flight when the ReadAhead is destroyed finish on their own (their state is
 // shared with them), so a caller may stop early.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -30,7 +34,9 @@ struct ByteRange {
 
 class ReadAhead {
  public:
-  ReadAhead(File* file, std::vector<ByteRange> ranges, unsigned depth);
+  // `next` stores the next range and returns true, or returns false at the end.
+  using RangeSource = std::function<bool(ByteRange*)>;
+  ReadAhead(File* file, RangeSource next, unsigned depth);
   ~ReadAhead();
   ReadAhead(const ReadAhead&) = delete;
   ReadAhead& operator=(const ReadAhead&) = delete;

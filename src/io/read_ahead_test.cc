@@ -31,7 +31,15 @@ class ReadAheadTest : public ::testing::TestWithParam<EngineKind> {
 };
 
 Task<std::vector<int>> ReadAll(File* f, std::vector<ByteRange> ranges, unsigned depth) {
-  ReadAhead ra(f, ranges, depth);
+  size_t k = 0;
+  ReadAhead ra(
+      f,
+      [&ranges, &k](ByteRange* r) {
+        if (k == ranges.size()) return false;
+        *r = ranges[k++];
+        return true;
+      },
+      depth);
   std::vector<int> first_bytes;
   for (size_t i = 0; i < ranges.size(); ++i) {
     auto got = co_await ra.Next();
@@ -63,8 +71,14 @@ TEST_P(ReadAheadTest, DeliversRangesInOrderWithReadsInFlight) {
 }
 
 Task<bool> StopEarly(File* f) {
-  std::vector<ByteRange> ranges(20, ByteRange{0, 4096});
-  ReadAhead ra(f, ranges, 8);
+  int left = 20;
+  ReadAhead ra(
+      f,
+      [&left](ByteRange* r) {
+        *r = {0, 4096};
+        return left-- > 0;
+      },
+      8);
   auto first = co_await ra.Next();
   co_return first.ok();  // destroyed with reads in flight
 }
