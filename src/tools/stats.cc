@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "fmt/format.h"
+#include "format/endian.h"
+#include "io/read_ahead.h"
 
 namespace qcow2kit::tools {
 namespace {
@@ -63,22 +65,38 @@ Task<Result<ImageStats>> ComputeStats(Qcow2Image& img) {
 
   ClusterCounter counter(g);
   const uint64_t per_table = g.l2_entries();
-  const uint64_t words_per_entry = g.l2_entry_bytes() / 8;
+  const uint64_t entry_bytes = g.l2_entry_bytes();
+  const std::vector<uint64_t>& l1 = img.l1_table();
+  const uint64_t tables = std::min<uint64_t>(l1.size(), ClustersFor(s.guest_clusters, per_table));
+  // The L2 tables are read straight from the file, several at a time, not through the cache:
+  // a walk over every table of a huge image would only churn it.
+  uint64_t next = 0;
+  ReadAhead reads(
+      img.file(0),
+      [&](ByteRange* r) {
+        for (; next < tables; ++next) {
+          if (format::L1EntryOffset(l1[next])) {
+            *r = {format::L1EntryOffset(l1[next++]), cs};
+            return true;
+          }
+        }
+        return false;
+      },
+      static_cast<unsigned>(std::clamp<uint64_t>((1ull << 20) / cs, 2, 32)));
   uint64_t cluster = 0;
-  for (uint64_t i = 0; i < img.l1_table().size() && cluster < s.guest_clusters; ++i) {
+  for (uint64_t i = 0; i < tables; ++i) {
     const uint64_t in_table = std::min(per_table, s.guest_clusters - cluster);
-    const uint64_t l2_offset = format::L1EntryOffset(img.l1_table()[i]);
-    if (l2_offset == 0) {
+    QK_CO_RETURN_IF_ERROR(format::ValidateL1Entry(l1[i], i, g));
+    if (format::L1EntryOffset(l1[i]) == 0) {
       counter.AddUnallocated(in_table);
     } else {
       ++s.metadata.l2_tables;
-      auto table = co_await img.ReadL2Table(l2_offset);
+      auto table = co_await reads.Next();
       if (!table.ok()) co_return table.status();
       counter.StartTable();
       for (uint64_t j = 0; j < in_table; ++j) {
-        uint64_t entry = (*table)[j * words_per_entry];
-        uint64_t bitmap = words_per_entry > 1 ? (*table)[j * words_per_entry + 1] : 0;
-        counter.Add(entry, bitmap);
+        const uint8_t* e = table->data() + j * entry_bytes;
+        counter.Add(format::LoadBE64(e), entry_bytes > 8 ? format::LoadBE64(e + 8) : 0);
       }
     }
     cluster += in_table;
