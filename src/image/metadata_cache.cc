@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstring>
 
 #include "fmt/format.h"
 #include "qcow2kit/reactor.h"
@@ -41,6 +42,9 @@ uint8_t* MetadataCache::Insert(uint64_t offset, AlignedBuffer data) {
     --it;
     if (it->dirty) continue;
     map_.erase(it->offset);
+    // Its buffer serves the next miss: a walk over many tables then allocates nothing once
+    // the cache is full (freeing and allocating aligned buffers fragments the heap badly).
+    if (spare_.size() < kMaxSpare) spare_.push_back(std::move(it->data));
     it = lru_.erase(it);
   }
   lru_.push_front(Entry{offset, std::move(data)});
@@ -66,7 +70,7 @@ Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
   ++misses_;
   Loading loading;
   loading_[offset] = &loading;
-  AlignedBuffer buf(slice_bytes_);
+  AlignedBuffer buf = TakeBuffer();
   auto r = co_await file_->ReadAt(buf.span(), offset);
   Status status;
   if (!r.ok()) {
@@ -94,9 +98,18 @@ Task<Result<uint8_t*>> MetadataCache::GetForUpdate(uint64_t offset) {
   co_return reinterpret_cast<uint8_t*>(e.data.data());
 }
 
+AlignedBuffer MetadataCache::TakeBuffer() {
+  if (spare_.empty()) return AlignedBuffer(slice_bytes_);
+  AlignedBuffer b = std::move(spare_.back());
+  spare_.pop_back();
+  return b;
+}
+
 uint8_t* MetadataCache::CreateZeroed(uint64_t offset) {
   Drop(offset);
-  uint8_t* p = Insert(offset, AlignedBuffer(slice_bytes_));
+  AlignedBuffer buf = TakeBuffer();
+  std::memset(buf.data(), 0, buf.size());
+  uint8_t* p = Insert(offset, std::move(buf));
   lru_.front().dirty = true;
   ++dirty_;
   return p;

@@ -9,8 +9,8 @@
 #pragma once
 
 #include <coroutine>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <unordered_map>
@@ -68,6 +68,8 @@ class MetadataCache {
   using Lru = std::list<Entry>;
 
   Task<Result<const uint8_t*>> Load(uint64_t offset);
+  AlignedBuffer TakeBuffer();  // a spare buffer of an evicted slice, or a new one
+  static constexpr size_t kMaxSpare = 16;
   uint8_t* Insert(uint64_t offset, AlignedBuffer data);
 
   File* file_;
@@ -78,6 +80,7 @@ class MetadataCache {
   std::unordered_map<uint64_t, Lru::iterator> map_;
   std::unordered_map<uint64_t, Loading*> loading_;
   size_t dirty_ = 0;
+  std::vector<AlignedBuffer> spare_;
   WriteGuard guard_;
   uint64_t hits_ = 0;
   uint64_t misses_ = 0;
