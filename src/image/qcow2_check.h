@@ -53,8 +53,8 @@ struct CheckResult {
 using CheckLog = std::function<void(const std::string&)>;
 
 // The refcount walk and repair behind Qcow2Image::Check; one object per check run (a friend
-// of Qcow2Image), split over qcow2_check.cc (counting, comparing, COPIED) and
-// qcow2_rebuild.cc (new refcount structures).
+// of Qcow2Image), split over qcow2_check.cc (counting, the run), qcow2_check_compare.cc
+// (comparing, COPIED) and qcow2_rebuild.cc (new refcount structures).
 class Qcow2Checker {
  public:
   Qcow2Checker(Qcow2Image& img, unsigned fix, const CheckLog& log);
