@@ -13,6 +13,8 @@ namespace {
 
 // Block status is asked for this much at a time, as qemu-img does.
 constexpr uint64_t kWindow = 1ull << 30;
+// Enough L2 slices for a window at any cluster size.
+constexpr uint64_t kMapL2CacheBytes = 1ull << 20;
 
 struct MapArgs {
   ImageOptions image;
@@ -36,6 +38,9 @@ int RunMap(const Cli& cli, const MapArgs& a) {
   }
   auto open = ReadOnlyOpenOptions(a.image);
   if (!open.ok()) return Fail(open.status());
+  // The map is one pass in guest order: each L2 slice is needed once, so a small cache does
+  // as well as one covering the disk, and the memory no longer grows with the disk's size.
+  open->l2_cache_bytes = kMapL2CacheBytes;
   auto reactor = MakeReactor(cli, a.image.engine);
   if (!reactor.ok()) return Fail(reactor.status());
   auto img = (*reactor)->BlockOn(tools::OpenImageChain(a.image.filename, *open));

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdlib>
 #include <cstring>
+
+#include <sys/mman.h>
 
 #include "fmt/format.h"
 #include "qcow2kit/reactor.h"
@@ -19,16 +22,37 @@ MetadataCache::MetadataCache(File* file, uint32_t slice_bytes, uint64_t capacity
     : file_(file),
       slice_bytes_(slice_bytes),
       capacity_(std::max<uint64_t>(2, capacity_bytes / slice_bytes)),
-      what_(what) {}
+      what_(what),
+      // Chunks of up to 256 KiB, never more than the capacity needs.
+      pool_(slice_bytes, std::clamp<size_t>((256u << 10) / slice_bytes, 1, capacity_)) {}
 
 MetadataCache::~MetadataCache() = default;
+
+MetadataCache::SlicePool::~SlicePool() {
+  for (uint8_t* c : chunks_) ::munmap(c, slots_per_chunk_ * slot_bytes_);
+}
+
+uint8_t* MetadataCache::SlicePool::Take() {
+  if (free_.empty()) {
+    // mmap gives zeroed, page-aligned memory whose untouched pages cost nothing.
+    size_t bytes = slots_per_chunk_ * slot_bytes_;
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    auto* chunk = static_cast<uint8_t*>(p);
+    chunks_.push_back(chunk);
+    for (size_t i = slots_per_chunk_; i-- > 0;) free_.push_back(chunk + i * slot_bytes_);
+  }
+  uint8_t* slot = free_.back();
+  free_.pop_back();
+  return slot;
+}
 
 const uint8_t* MetadataCache::Peek(uint64_t offset) {
   auto it = map_.find(offset);
   if (it == map_.end()) return nullptr;
   ++hits_;
   if (it->second != lru_.begin()) lru_.splice(lru_.begin(), lru_, it->second);
-  return reinterpret_cast<const uint8_t*>(it->second->data.data());
+  return it->second->data;
 }
 
 Task<Result<const uint8_t*>> MetadataCache::Get(uint64_t offset) {
@@ -36,20 +60,29 @@ Task<Result<const uint8_t*>> MetadataCache::Get(uint64_t offset) {
   co_return co_await Load(offset);
 }
 
-uint8_t* MetadataCache::Insert(uint64_t offset, AlignedBuffer data) {
-  // Evict clean slices from the cold end; dirty ones stay until written back.
-  for (auto it = lru_.end(); map_.size() >= capacity_ && it != lru_.begin();) {
+void MetadataCache::Erase(Lru::iterator it) {
+  if (it->dirty) --dirty_;
+  map_.erase(it->offset);
+  pool_.Give(it->data);
+  lru_.erase(it);
+}
+
+void MetadataCache::MakeRoom() {
+  // Evict clean slices from the cold end until one more (besides those being read) fits;
+  // dirty ones stay until written back. Done before taking a slot, so that the pool holds no
+  // more slots than the capacity.
+  for (auto it = lru_.end(); map_.size() + loading_.size() >= capacity_ && it != lru_.begin();) {
     --it;
     if (it->dirty) continue;
-    map_.erase(it->offset);
-    // Its buffer serves the next miss: a walk over many tables then allocates nothing once
-    // the cache is full (freeing and allocating aligned buffers fragments the heap badly).
-    if (spare_.size() < kMaxSpare) spare_.push_back(std::move(it->data));
-    it = lru_.erase(it);
+    auto cold = it++;
+    Erase(cold);
   }
-  lru_.push_front(Entry{offset, std::move(data)});
+}
+
+uint8_t* MetadataCache::Insert(uint64_t offset, uint8_t* data) {
+  lru_.push_front(Entry{offset, data});
   map_[offset] = lru_.begin();
-  return reinterpret_cast<uint8_t*>(lru_.front().data.data());
+  return data;
 }
 
 Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
@@ -68,10 +101,12 @@ Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
     co_return co_await Get(offset);
   }
   ++misses_;
+  MakeRoom();
   Loading loading;
   loading_[offset] = &loading;
-  AlignedBuffer buf = TakeBuffer();
-  auto r = co_await file_->ReadAt(buf.span(), offset);
+  uint8_t* buf = pool_.Take();
+  auto r = co_await file_->ReadAt(std::span(reinterpret_cast<std::byte*>(buf), slice_bytes_),
+                                  offset);
   Status status;
   if (!r.ok()) {
     status = r.status();
@@ -79,7 +114,12 @@ Task<Result<const uint8_t*>> MetadataCache::Load(uint64_t offset) {
     status = Status::Corrupt(
         fmt::format("{} at offset {:#x} lies past the end of '{}'", what_, offset, file_->path()));
   }
-  uint8_t* data = status.ok() ? Insert(offset, std::move(buf)) : nullptr;
+  uint8_t* data = nullptr;
+  if (status.ok()) {
+    data = Insert(offset, buf);
+  } else {
+    pool_.Give(buf);
+  }
   loading_.erase(offset);
   loading.done = true;
   for (auto h : loading.waiters) Reactor::Current()->Post(h);
@@ -95,21 +135,15 @@ Task<Result<uint8_t*>> MetadataCache::GetForUpdate(uint64_t offset) {
     e.dirty = true;
     ++dirty_;
   }
-  co_return reinterpret_cast<uint8_t*>(e.data.data());
-}
-
-AlignedBuffer MetadataCache::TakeBuffer() {
-  if (spare_.empty()) return AlignedBuffer(slice_bytes_);
-  AlignedBuffer b = std::move(spare_.back());
-  spare_.pop_back();
-  return b;
+  co_return e.data;
 }
 
 uint8_t* MetadataCache::CreateZeroed(uint64_t offset) {
   Drop(offset);
-  AlignedBuffer buf = TakeBuffer();
-  std::memset(buf.data(), 0, buf.size());
-  uint8_t* p = Insert(offset, std::move(buf));
+  MakeRoom();
+  uint8_t* buf = pool_.Take();
+  std::memset(buf, 0, slice_bytes_);
+  uint8_t* p = Insert(offset, buf);
   lru_.front().dirty = true;
   ++dirty_;
   return p;
@@ -117,14 +151,12 @@ uint8_t* MetadataCache::CreateZeroed(uint64_t offset) {
 
 void MetadataCache::Drop(uint64_t offset) {
   auto it = map_.find(offset);
-  if (it == map_.end()) return;
-  if (it->second->dirty) --dirty_;
-  lru_.erase(it->second);
-  map_.erase(it);
+  if (it != map_.end()) Erase(it->second);
 }
 
 void MetadataCache::DropAll() {
   assert(dirty_ == 0 && loading_.empty());
+  for (Entry& e : lru_) pool_.Give(e.data);
   map_.clear();
   lru_.clear();
 }
@@ -140,7 +172,8 @@ Task<Status> MetadataCache::WriteBack() {
   for (Entry* e : dirty) {
     // Dirty entries are never evicted, so `e` stays valid across the write.
     if (guard_) QK_CO_RETURN_IF_ERROR(guard_(e->offset, slice_bytes_));
-    Status s = co_await file_->WriteAt(e->data.span(), e->offset);
+    Status s = co_await file_->WriteAt(
+        std::span(reinterpret_cast<const std::byte*>(e->data), slice_bytes_), e->offset);
     if (!s.ok()) {
       co_return s.WithContext(fmt::format("Could not write {} at offset {:#x}", what_, e->offset));
     }

@@ -6,6 +6,10 @@
 //
 // Updated slices are dirty until WriteBack(); dirty slices are never evicted (the cache may
 // exceed its capacity until the owner writes them back, in the order crash safety needs).
+//
+// Slice buffers are carved from page-aligned chunks mapped with mmap and reused through a free
+// list: one aligned allocation per 4 KiB slice costs glibc about twice the slice in heap
+// (alignment padding), so a full 32 MiB cache held some 64 MiB.
 #pragma once
 
 #include <coroutine>
@@ -34,6 +38,9 @@ class MetadataCache {
   size_t size() const { return map_.size(); }
   uint64_t hits() const { return hits_; }
   uint64_t misses() const { return misses_; }
+  // Bytes of slice buffers held (cached slices plus free slots): bounded by the capacity plus
+  // the dirty slices above it, rounded up to whole chunks.
+  uint64_t buffer_bytes() const { return pool_.held_bytes(); }
 
   // The slice at host offset `offset` (a multiple of slice_bytes). The returned pointer stays
   // valid until the caller's next suspension point: use it, do not keep it.
@@ -61,16 +68,36 @@ class MetadataCache {
  private:
   struct Entry {
     uint64_t offset;
-    AlignedBuffer data;
+    uint8_t* data;  // a slot of pool_
     bool dirty = false;
+  };
+  // Fixed-size, I/O-aligned slots from chunks that live as long as the cache.
+  class SlicePool {
+   public:
+    SlicePool(uint32_t slot_bytes, size_t slots_per_chunk)
+        : slot_bytes_(slot_bytes), slots_per_chunk_(slots_per_chunk) {}
+    ~SlicePool();
+    SlicePool(const SlicePool&) = delete;
+    SlicePool& operator=(const SlicePool&) = delete;
+    uint8_t* Take();  // aborts when out of memory, as AlignedBuffer does
+    void Give(uint8_t* slot) { free_.push_back(slot); }
+    uint64_t held_bytes() const {
+      return uint64_t(chunks_.size()) * slots_per_chunk_ * slot_bytes_;
+    }
+
+   private:
+    uint32_t slot_bytes_;
+    size_t slots_per_chunk_;
+    std::vector<uint8_t*> chunks_;
+    std::vector<uint8_t*> free_;
   };
   struct Loading;  // a read in progress and the coroutines waiting for it
   using Lru = std::list<Entry>;
 
   Task<Result<const uint8_t*>> Load(uint64_t offset);
-  AlignedBuffer TakeBuffer();  // a spare buffer of an evicted slice, or a new one
-  static constexpr size_t kMaxSpare = 16;
-  uint8_t* Insert(uint64_t offset, AlignedBuffer data);
+  void MakeRoom();
+  uint8_t* Insert(uint64_t offset, uint8_t* data);
+  void Erase(Lru::iterator it);  // forgets a slice and returns its slot to the pool
 
   File* file_;
   uint32_t slice_bytes_;
@@ -80,7 +107,7 @@ class MetadataCache {
   std::unordered_map<uint64_t, Lru::iterator> map_;
   std::unordered_map<uint64_t, Loading*> loading_;
   size_t dirty_ = 0;
-  std::vector<AlignedBuffer> spare_;
+  SlicePool pool_;
   WriteGuard guard_;
   uint64_t hits_ = 0;
   uint64_t misses_ = 0;

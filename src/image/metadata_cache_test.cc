@@ -45,6 +45,32 @@ TEST_F(MetadataCacheTest, HitsAfterMissAndEvictsLeastRecentlyUsed) {
   EXPECT_NE(cache.Peek(2 * 4096), nullptr);
 }
 
+TEST_F(MetadataCacheTest, BuffersAreReusedSoMemoryStaysBounded) {
+  file_ = std::move(*File::Open(dir_ / "t", true));
+  MetadataCache cache(file_.get(), 4096, 3 * 4096, "L2 table");
+  for (int round = 0; round < 4; ++round) {
+    for (uint64_t s = 0; s < 16; ++s) {
+      auto r = reactor_->BlockOn(cache.Get(s * 4096));
+      ASSERT_TRUE(r.ok());
+      EXPECT_EQ((*r)[4095], s + 1);  // a reused slot holds the new slice, not the old one
+    }
+  }
+  EXPECT_EQ(cache.buffer_bytes(), 3u * 4096);
+
+  // Dirty slices may push the cache past its capacity; once written back, their slots are
+  // reused rather than more memory taken.
+  for (uint64_t s = 0; s < 6; ++s) {
+    auto r = reactor_->BlockOn(cache.GetForUpdate(s * 4096));
+    ASSERT_TRUE(r.ok());
+  }
+  const uint64_t peak = cache.buffer_bytes();
+  EXPECT_GE(peak, 6u * 4096);
+  ASSERT_TRUE(reactor_->BlockOn(cache.WriteBack()).ok());
+  for (uint64_t s = 0; s < 16; ++s) ASSERT_TRUE(reactor_->BlockOn(cache.Get(s * 4096)).ok());
+  EXPECT_EQ(cache.size(), 3u);
+  EXPECT_EQ(cache.buffer_bytes(), peak);
+}
+
 Task<void> GetInto(MetadataCache* c, uint64_t off, int* ok) {
   auto r = co_await c->Get(off);
   if (r.ok() && (*r)[0] == off / 4096 + 1) ++*ok;
