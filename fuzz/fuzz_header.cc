@@ -17,11 +17,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     auto parsed = format::ParseHeader(in.first(std::min<uint64_t>(*need, size)), size + 65536);
     (void)parsed;
   }
-  for (uint32_t version : {2u, 3u}) {
-    auto entry_size = format::SnapshotEntrySize(in, version);
-    if (entry_size.ok() && *entry_size <= size) {
-      auto snap = format::ParseSnapshotEntry(in.first(*entry_size), version, 0);
-      if (snap.ok()) (void)format::ValidateSnapshotL1(*snap, 0, 16);
+  auto entry_size = format::SnapshotEntrySize(in);
+  if (entry_size.ok() && *entry_size <= size) {
+    auto snap = format::ParseSnapshotEntry(in.first(*entry_size), 0);
+    if (snap.ok()) {
+      (void)format::ValidateSnapshotL1(*snap, 0, 16);
+      (void)format::SnapshotEntryIncomplete(*snap, 3);
     }
   }
   if (size >= 4) {

@@ -83,6 +83,14 @@ int RunCheck(const Cli& cli, const CheckArgs& a) {
     if (!closed.ok() && result.ok()) result = closed;
   }
   if (!result.ok()) {
+    // What went wrong first (as qemu-img's error report), then that the check failed.
+    // Lines after the first are hints, printed without the program name as qemu-img does.
+    const std::string& m = result.status().message();
+    if (!m.empty()) {
+      const size_t nl = m.find('\n');
+      Fail(m.substr(0, nl));
+      if (nl != std::string::npos) std::fprintf(stderr, "%s\n", m.c_str() + nl + 1);
+    }
     return Fail(std::string("Check failed: ") + std::strerror(result.status().code()));
   }
   if (result->check_errors) return Fail("Check failed");

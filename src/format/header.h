@@ -132,7 +132,10 @@ struct ParsedHeader {
 // 2^22", "L1 table offset 0x10200 is not cluster aligned", "Unsupported qcow2 feature(s):
 // extended L2 entries" (unknown incompatible bits are named from the feature-name table, else
 // "Unknown incompatible feature: 20" in hex as QEMU prints it).
-Result<ParsedHeader> ParseHeader(std::span<const uint8_t> cluster0, uint64_t file_size);
+// `for_check`: the snapshot table pointer is not validated; the check reads, reports and
+// repairs the table itself (QEMU's BDRV_O_CHECK).
+Result<ParsedHeader> ParseHeader(std::span<const uint8_t> cluster0, uint64_t file_size,
+                                 bool for_check = false);
 
 // How many bytes of the file ParseHeader needs: reads the cluster size from the first 24
 // bytes (must be at least 24 long). Errors for bad magic / version / cluster_bits.

@@ -86,7 +86,7 @@ Status CheckBitmapEntry(std::span<const uint8_t> e, uint32_t index) {
 
 }  // namespace
 
-Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed, uint32_t version) {
+Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed) {
   if (fixed.size() < kSnapshotFixedSize) {
     return Status::Invalid("snapshot table entry truncated (" + std::to_string(fixed.size()) +
                            " bytes)");
@@ -97,18 +97,12 @@ Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed, uint32_t vers
                            std::to_string(extra) + ", at most " +
                            std::to_string(kMaxSnapshotExtraData) + ")");
   }
-  if (version >= 3 && extra < kV3MinExtraData) {
-    return Status::Invalid("snapshot table entry is incomplete (extra_data_size " +
-                           std::to_string(extra) + ", version 3 needs at least " +
-                           std::to_string(kV3MinExtraData) + ")");
-  }
   return AlignUp8(uint64_t{kSnapshotFixedSize} + extra + LoadBE16(&fixed[kSnIdSize]) +
                   LoadBE16(&fixed[kSnNameSize]));
 }
 
-Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t version,
-                                    uint32_t index) {
-  Result<uint64_t> size = SnapshotEntrySize(entry, version);
+Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t index) {
+  Result<uint64_t> size = SnapshotEntrySize(entry);
   if (!size.ok()) {
     return Status::Invalid("snapshot " + std::to_string(index) + ": " + size.status().message());
   }
@@ -131,6 +125,10 @@ Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t ver
   s.id = StringAt(entry, kSnapshotFixedSize + extra, id_size);
   s.name = StringAt(entry, kSnapshotFixedSize + extra + id_size, name_size);
   return s;
+}
+
+bool SnapshotEntryIncomplete(const Snapshot& s, uint32_t version) {
+  return version >= 3 && s.extra_data.size() < kV3MinExtraData;
 }
 
 Status ValidateSnapshotL1(const Snapshot& s, uint32_t index, uint32_t cluster_bits) {

@@ -32,12 +32,15 @@ struct Snapshot {
   friend bool operator==(const Snapshot&, const Snapshot&) = default;
 };
 
-// Total size of the entry whose first 40 bytes are `fixed` (padded to 8). Validates the extra
-// data size (<= 1 KiB; >= 16 for v3 images).
-Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed, uint32_t version);
+// Total size of the entry whose first 40 bytes are `fixed` (padded to 8). Refuses more than
+// 1 KiB of extra data, as QEMU does.
+Result<uint64_t> SnapshotEntrySize(std::span<const uint8_t> fixed);
 // Decodes one entry (`entry` holds exactly SnapshotEntrySize bytes). `index` is for messages.
-Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t version,
-                                    uint32_t index);
+Result<Snapshot> ParseSnapshotEntry(std::span<const uint8_t> entry, uint32_t index);
+// A version 3 entry needs at least 16 bytes of extra data (VM state size and disk size). QEMU
+// opens an image with a shorter one (the fields take their version 2 meaning); check reports
+// it and a repair rewrites the entry.
+bool SnapshotEntryIncomplete(const Snapshot& s, uint32_t version);
 // Whether the snapshot's L1 table can be used: cluster aligned, at most 32 MiB, inside the
 // largest file offset. Separate from parsing, so that check can report a bad entry.
 Status ValidateSnapshotL1(const Snapshot& s, uint32_t index, uint32_t cluster_bits);

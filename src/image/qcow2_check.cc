@@ -437,10 +437,20 @@ Task<Result<CheckResult>> Qcow2Image::Check(unsigned fix, const CheckLog& log) {
     co_return Status::Error(EROFS, "the image must be opened read-write to be repaired");
   }
   auto guard = co_await meta_lock_.Lock();
-  CheckResult res;
   Qcow2Checker checker(*this, fix, log);
-  Status s = co_await checker.CheckRefcounts(res);
+  CheckResult snapshot_res;
+  Status s = co_await checker.ReadSnapshotTable(snapshot_res);
   if (!s.ok()) co_return s;
+  CheckResult res;
+  s = co_await checker.CheckRefcounts(res);
+  if (!s.ok()) co_return s;
+  s = co_await checker.FixSnapshotTable(snapshot_res);
+  if (!s.ok()) co_return s;
+  res.corruptions += snapshot_res.corruptions;
+  res.leaks += snapshot_res.leaks;
+  res.check_errors += snapshot_res.check_errors;
+  res.corruptions_fixed += snapshot_res.corruptions_fixed;
+  res.leaks_fixed += snapshot_res.leaks_fixed;
   if (fix && res.check_errors == 0 && res.corruptions == 0) {
     // Consistent again: neither dirty nor corrupt.
     QK_CO_RETURN_IF_ERROR(co_await SetIncompatibleBit(format::kIncompatDirty, false));

@@ -58,6 +58,11 @@ using CheckLog = std::function<void(const std::string&)>;
 class Qcow2Checker {
  public:
   Qcow2Checker(Qcow2Image& img, unsigned fix, const CheckLog& log);
+  // The snapshot table's own damage (qcow2_check_snapshots.cc), before and after the
+  // refcount check: too many entries, a table past 64 MiB, extra data past 1 KiB, incomplete
+  // version 3 entries. A failure's message is what qemu-img reports as an error.
+  Task<Status> ReadSnapshotTable(CheckResult& res);
+  Task<Status> FixSnapshotTable(CheckResult& res);  // rewrites the table if it was damaged
   Task<Status> CheckRefcounts(CheckResult& res);
 
  private:

@@ -41,7 +41,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
     head.resize(need);
     QK_CO_RETURN_IF_ERROR(co_await file->ReadExact(std::as_writable_bytes(std::span(head)), 0));
   }
-  QK_CO_ASSIGN_OR_RETURN(format::ParsedHeader parsed, format::ParseHeader(head, file_size));
+  QK_CO_ASSIGN_OR_RETURN(format::ParsedHeader parsed, format::ParseHeader(head, file_size, options.check));
   if (options.writable && parsed.header.corrupt() && !options.check) {
     co_return Status::Error(EACCES,
                             "Image is corrupt; cannot be opened read/write (repair it with "
@@ -52,7 +52,8 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
   const uint64_t cs = img->geometry_.cluster_size();
   img->unwritten_from_ = (file_size + cs - 1) / cs * cs;
   QK_CO_RETURN_IF_ERROR(co_await img->LoadTables(options));
-  QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots(options.check));
+  // A check reads the snapshot table itself, reporting and repairing what is wrong with it.
+  if (!options.check) QK_CO_RETURN_IF_ERROR(co_await img->LoadSnapshots());
   QK_CO_RETURN_IF_ERROR(co_await img->LoadBitmaps());
   if (options.writable) {
     QK_CO_RETURN_IF_ERROR(co_await img->PrepareForWriting(options.check));
@@ -118,40 +119,6 @@ Task<Status> Qcow2Image::LoadTables(const OpenOptions& options) {
   refcount_cache_ =
       std::make_unique<MetadataCache>(file_.get(), slice_bytes_, rc_cache, "refcount block");
   decompressed_.Resize(cluster);
-  co_return Status::Ok();
-}
-
-Task<Status> Qcow2Image::LoadSnapshots(bool for_check) {
-  const format::Header& h = parsed_.header;
-  uint64_t pos = h.snapshots_offset;
-  for (uint32_t i = 0; i < h.nb_snapshots; ++i) {
-    if (pos - h.snapshots_offset > format::kMaxSnapshotTableBytes) {
-      co_return Status::Corrupt("Snapshot table is too big");
-    }
-    uint8_t fixed[format::kSnapshotFixedSize];
-    Status s = co_await file_->ReadExact(std::as_writable_bytes(std::span(fixed)), pos);
-    if (!s.ok()) co_return s.WithContext(fmt::format("Could not read snapshot {}", i));
-    QK_CO_ASSIGN_OR_RETURN(uint64_t entry_size, format::SnapshotEntrySize(fixed, h.version));
-    // The last entry's padding to 8 bytes may be missing at the end of the file.
-    const uint64_t unpadded = format::kSnapshotFixedSize + format::LoadBE32(fixed + 36) +
-                              format::LoadBE16(fixed + 12) + format::LoadBE16(fixed + 14);
-    std::vector<uint8_t> entry(entry_size);
-    auto got = co_await file_->ReadAt(std::as_writable_bytes(std::span(entry)), pos);
-    if (got.ok() && *got < unpadded) {
-      got =
-          Status::Corrupt(fmt::format("snapshot table entry at offset {:#x} runs past the end "
-                                      "of the file",
-                                      pos));
-    }
-    if (!got.ok()) co_return got.status().WithContext(fmt::format("Could not read snapshot {}", i));
-    QK_CO_ASSIGN_OR_RETURN(format::Snapshot snap,
-                           format::ParseSnapshotEntry(entry, h.version, i));
-    // A check reports a bad L1 table of a snapshot instead of refusing the image.
-    if (!for_check) QK_CO_RETURN_IF_ERROR(format::ValidateSnapshotL1(snap, i, h.cluster_bits));
-    snapshots_.push_back(std::move(snap));
-    pos += entry_size;
-  }
-  snapshot_table_bytes_ = pos - h.snapshots_offset;
   co_return Status::Ok();
 }
 

@@ -83,7 +83,24 @@ class Qcow2Image final : public FormatDriver {
  private:
   Qcow2Image(std::unique_ptr<File> file, format::ParsedHeader parsed);
   Task<Status> LoadTables(const OpenOptions& options);
-  Task<Status> LoadSnapshots(bool for_check);
+  // -- the snapshot table (qcow2_snapshot_table.cc) --
+  Task<Status> LoadSnapshots();  // at open, refusing a damaged table as QEMU does
+  struct SnapshotTableRead {
+    std::vector<format::Snapshot> snapshots;
+    uint64_t bytes = 0;               // of the table as read (the last entry unpadded)
+    uint32_t extra_data_dropped = 0;  // entries whose extra data beyond 1 KiB was cut
+    uint32_t discarded = 0;           // entries dropped because the table grew past 64 MiB
+  };
+  // Reads `count` entries at `table_offset`. `for_check`: reads past the end of the file as
+  // zeros and leaves snapshot L1 tables unvalidated; `repair`: cuts extra data beyond 1 KiB and
+  // drops the entries past 64 MiB (saying so on `log`) instead of failing.
+  Task<Result<SnapshotTableRead>> ReadSnapshotTable(uint64_t table_offset, uint32_t count,
+                                                    bool for_check, bool repair,
+                                                    const CheckLog& log);
+  Task<Status> ReadSnapshotBytes(std::span<uint8_t> out, uint64_t offset, bool zero_past_eof);
+  // Writes snapshots_ as a new table in fresh clusters, switches the header to it (the order
+  // keeps a crash safe) and frees the old one. meta_lock_ held.
+  Task<Status> WriteSnapshotTable();
   Task<Status> LoadBitmaps();
   // Read-write open: repairs dirty images, clears autoclear bits we do not maintain (unless
   // opened `for_check`).
