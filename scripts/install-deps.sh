@@ -4,7 +4,7 @@
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config
       liburing-dev zlib1g-dev libdeflate-dev libzstd-dev
-      libfmt-dev nlohmann-json3-dev libcli11-dev libssl-dev libgnutls28-dev
+      libfmt-dev nlohmann-json3-dev libcli11-dev libgnutls28-dev
       libgtest-dev libgmock-dev libbenchmark-dev
       qemu-utils python3 util-linux
       libnbd-bin nbdkit fio gnutls-bin fuse3 e2fsprogs

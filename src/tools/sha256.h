@@ -1,4 +1,4 @@
-// Incremental SHA-256 (OpenSSL EVP) for `read --sha256`.
+// Incremental SHA-256 (GnuTLS, already linked for NBD over TLS) for `read --sha256`.
 #pragma once
 
 #include <cstddef>
@@ -7,7 +7,7 @@
 
 #include "qcow2kit/status.h"
 
-typedef struct evp_md_ctx_st EVP_MD_CTX;
+struct hash_hd_st;  // GnuTLS's gnutls_hash_hd_t points at one
 
 namespace qcow2kit::tools {
 
@@ -23,7 +23,7 @@ class Sha256 {
   Result<std::string> HexDigest();
 
  private:
-  EVP_MD_CTX* ctx_;
+  hash_hd_st* ctx_ = nullptr;
   bool ok_ = false;
 };
 
