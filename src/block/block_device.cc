@@ -100,8 +100,11 @@ Task<Status> StatusLayer(FormatDriver* layer, uint32_t depth, uint64_t offset, u
   ScratchExtents scratch;
   std::vector<Extent>& extents = scratch.get();
   const uint64_t end = offset + length;
-  const auto holes =
-      probe_holes ? co_await layer->ProbeHostHoles() : FormatDriver::HostHoles::kIgnore;
+  auto holes = FormatDriver::HostHoles::kIgnore;
+  if (probe_holes) {
+    auto probed = co_await layer->ProbeHostHoles();
+    holes = probed;
+  }
   uint64_t pos = offset;
   while (pos < end) {
     extents.clear();

@@ -90,7 +90,9 @@ Task<Status> Qcow2Checker::ReadSnapshotTable(CheckResult& res) {
                       i));
     }
   }
-  img_.RebuildMetadataMap();
+  // The overlap checks of a repair know the snapshot tables now (a read-only check writes
+  // nothing and needs no map: for many L2 tables it is most of the check's memory).
+  if (img_.file_->writable()) img_.RebuildMetadataMap();
   co_return Status::Ok();
 }
 
