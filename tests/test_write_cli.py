@@ -67,13 +67,18 @@ def same_content(ours, theirs, fmt="qcow2"):
 
 
 def norm_map(path, fmt="qcow2"):
-    """qemu-img map without host offsets (they depend on allocation order), adjacent runs
-    with equal attributes merged (qemu-img splits them where host offsets jump). Allocated
+    """qemu-img map with host offsets reduced to whether there is one (the offsets depend on
+    allocation order), adjacent runs with equal attributes merged (qemu-img splits them
+    where host offsets jump). Allocated
     data that reads as zeros because the host file has a hole there (qcow2kit does not write
     the zero head and tail of a fresh cluster past the end of the file; qemu-img map probes
     the file) counts as plain data: contents are compared separately."""
     out = []
-    for e in T.strip_keys(q.map(path, extra=("-f", fmt)), {"offset", "compressed"}):
+    raw = q.map(path, extra=("-f", fmt))
+    for e, r in zip(T.strip_keys(raw, {"offset", "compressed"}), raw):
+        # Whether a host cluster backs the range: an allocated zero cluster (--zeroes) and an
+        # unmapped one (--unmap) read alike but differ here.
+        e["mapped"] = "offset" in r
         if e.get("data"):
             e["zero"] = False
         prev = out[-1] if out else None

@@ -1,16 +1,19 @@
 // The transmission phase under a steady load: a client thread pipelines 4 KiB reads and
-// writes at queue depth 32 over a socketpair, and the server thread must serve them without
-// heap allocations once warmed up (the issue asks for none per request on the hot path).
+// writes at queue depth 32 over a socketpair. Every reply must match a request in flight and
+// every read the client's model of the disk (the image is compared with the model at the
+// end), and the server thread must serve them without heap allocations once warmed up.
 #include "export/nbd/session.h"
 
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 #include <thread>
+#include <vector>
 
 #include "export/nbd/handshake.h"
 #include "gtest/gtest.h"
@@ -58,9 +61,14 @@ bool ReadFull(int fd, void* p, size_t n) {
 
 // A minimal blocking client: GO on the default export (no structured replies), then
 // `count` requests alternating 4 KiB reads and writes with `depth` in flight, then DISC.
-// Returns the number of replies that were wrong.
 // mode: 0 alternate, 1 reads only, 2 writes only.
-int RunClient(int fd, int count, int depth, uint64_t size, int mode) {
+//
+// It keeps the disk's contents in `model` (which starts as the image does, all zeros): each
+// write carries bytes unique to its request, and no request is sent while another one on the
+// same block is in flight, so every read has exactly one right answer. Returns the number of
+// wrong replies: an error, a handle that is not in flight (unknown, or answered twice), read
+// data that differs from the model.
+int RunClient(int fd, int count, int depth, std::vector<std::byte>& model, int mode) {
   std::byte greeting[18];
   if (!ReadFull(fd, greeting, sizeof(greeting))) return -1;
   std::byte msg[16 + 6];
@@ -77,26 +85,56 @@ int RunClient(int fd, int count, int depth, uint64_t size, int mode) {
     if (Load32(head + 12) == kRepAck) break;
     if (Load32(head + 12) & 0x80000000) return -1;
   }
+  constexpr uint64_t kBlock = 4096;
+  const uint64_t blocks = model.size() / kBlock;
+  struct Pending {
+    uint64_t block = 0;
+    bool write = false;
+    bool in_flight = false;
+  };
+  std::vector<Pending> pending(count);
+  std::vector<bool> busy(blocks);
   int bad = 0, sent = 0, received = 0;
-  std::vector<std::byte> payload(4096, std::byte{0x5a}), reply(16 + 4096);
+  std::vector<std::byte> payload(kBlock), reply(16 + kBlock);
   uint64_t rng = 42;
   while (received < count) {
     while (sent < count && sent - received < depth) {
-      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-      uint64_t offset = (rng >> 20) % (size / 4096) * 4096;
-      bool write = mode == 2 || (mode == 0 && sent % 2 == 1);
+      uint64_t block;
+      do {  // a block no request in flight touches
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        block = (rng >> 20) % blocks;
+      } while (busy[block]);
+      const bool write = mode == 2 || (mode == 0 && sent % 2 == 1);
+      pending[sent] = {block, write, true};
+      busy[block] = true;
       std::byte req[kRequestSize];
       std::byte* p = Store16(Store16(Store32(req, kRequestMagic), 0), write ? kCmdWrite : kCmdRead);
-      Store32(Store64(Store64(p, static_cast<uint64_t>(sent)), offset), 4096);
+      Store32(Store64(Store64(p, static_cast<uint64_t>(sent)), block * kBlock), kBlock);
       if (!WriteFull(fd, req, sizeof(req))) return -1;
-      if (write && !WriteFull(fd, payload.data(), payload.size())) return -1;
+      if (write) {
+        // Words naming the request and their place in the block.
+        for (uint64_t w = 0; w < kBlock / 8; ++w) {
+          Store64(payload.data() + w * 8, (uint64_t(sent) + 1) << 32 | w);
+        }
+        if (!WriteFull(fd, payload.data(), payload.size())) return -1;
+        std::memcpy(model.data() + block * kBlock, payload.data(), kBlock);
+      }
       ++sent;
     }
     if (!ReadFull(fd, reply.data(), 16)) return -1;
-    uint64_t handle = Load64(reply.data() + 8);
-    if (Load32(reply.data()) != kSimpleReplyMagic || Load32(reply.data() + 4) != 0) ++bad;
-    bool was_write = mode == 2 || (mode == 0 && handle % 2 == 1);
-    if (!was_write && !ReadFull(fd, reply.data() + 16, 4096)) return -1;
+    const uint64_t handle = Load64(reply.data() + 8);
+    if (Load32(reply.data()) != kSimpleReplyMagic || handle >= uint64_t(sent) ||
+        !pending[handle].in_flight) {
+      return bad + 1;  // the stream cannot be followed any further
+    }
+    Pending& req = pending[handle];
+    req.in_flight = false;
+    busy[req.block] = false;
+    if (Load32(reply.data() + 4) != 0) ++bad;
+    if (!req.write) {
+      if (!ReadFull(fd, reply.data() + 16, kBlock)) return -1;
+      if (std::memcmp(reply.data() + 16, model.data() + req.block * kBlock, kBlock) != 0) ++bad;
+    }
     ++received;
   }
   std::byte disc[kRequestSize] = {};
@@ -141,11 +179,12 @@ class SessionTest : public ::testing::Test {
   }
 
   // Serves one connection of `count` requests; returns the server thread's allocations.
+  // `model_` holds the disk's contents as the client wrote them.
   uint64_t Connection(int count, int* bad, int mode = 0) {
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
     std::thread client([&] {
-      *bad = RunClient(sv[1], count, 32, 64 << 20, mode);
+      *bad = RunClient(sv[1], count, 32, model_, mode);
       ::close(sv[1]);
     });
     uint64_t before = allocations;
@@ -159,6 +198,7 @@ class SessionTest : public ::testing::Test {
   std::unique_ptr<Reactor> reactor_;
   std::unique_ptr<BlockDevice> device_;
   std::vector<Export> exports_;
+  std::vector<std::byte> model_ = std::vector<std::byte>(64 << 20);
 };
 
 TEST_F(SessionTest, PipelinedRequestsAreServedCorrectly) {
@@ -167,6 +207,16 @@ TEST_F(SessionTest, PipelinedRequestsAreServedCorrectly) {
   EXPECT_EQ(bad, 0);
   CloseDevice();
   testing::MustRun("qemu-img check -q " + dir_ / "a.qcow2");
+  // The image holds what the client wrote, as qemu-img reads it.
+  const std::string raw = dir_ / "a.raw";
+  testing::MustRun("qemu-img convert -O raw " + dir_ / "a.qcow2" + " " + raw);
+  std::vector<std::byte> got(model_.size() + 1);
+  std::FILE* f = std::fopen(raw.c_str(), "rb");
+  ASSERT_NE(f, nullptr);
+  const size_t n = std::fread(got.data(), 1, got.size(), f);
+  std::fclose(f);
+  ASSERT_EQ(n, model_.size());
+  EXPECT_EQ(std::memcmp(got.data(), model_.data(), n), 0);
 }
 
 TEST_F(SessionTest, SteadyStateRequestsDoNotAllocate) {
