@@ -4,7 +4,10 @@ Every tests/test_*.py script is run as
 
     python3 tests/test_X.py --qcow2kit /path/to/qcow2kit [--long]
 
-and prints a last line ``N passed, N failed``; its exit status is 0 only if nothing failed.
+and prints a last line ``N passed, N failed``. Its exit status is 1 if a case failed, else 77
+(ctest's SKIP_RETURN_CODE) if a case called ``skip()``, else 0. With QCOW2KIT_NO_SKIP=1 in the
+environment (``make test`` sets it) a skipped case fails instead: on the project's own machine
+kind everything a case needs is installed, so nothing may be skipped there.
 
 What lives here:
   * argument parsing (``parse_args``) and the case runner (``Runner``),
@@ -60,6 +63,14 @@ def parse_args(description):
     return args
 
 
+class Skipped(Exception):
+    """Raised by skip(): the case cannot run here (a tool or device is missing)."""
+
+
+def skip(why):
+    raise Skipped(why)
+
+
 class Failure(Exception):
     """A failed expectation inside a case; the message is the detail printed."""
 
@@ -86,6 +97,7 @@ class Runner:
         self.title = title
         self.passed = 0
         self.failed = []
+        self.skipped = []
         self._seen = set()
         self._queue = []
         self.start = time.monotonic()
@@ -113,6 +125,10 @@ class Runner:
         t0 = time.monotonic()
         try:
             yield
+        except Skipped as e:
+            if counted:
+                self._record_skip(name, str(e))
+            return
         except Failure as e:
             if counted:
                 self._record_fail(name, str(e))
@@ -140,6 +156,8 @@ class Runner:
             try:
                 fn(*a, **kw)
                 return None, time.monotonic() - t0
+            except Skipped as e:
+                return Skipped(str(e)), time.monotonic() - t0
             except Failure as e:
                 return str(e), time.monotonic() - t0
             except Exception:
@@ -154,12 +172,22 @@ class Runner:
                 if name in self._seen:
                     self._record_fail(name, "duplicate case name (a bug in the test script)")
                 self._seen.add(name)
-                if err is None:
+                if isinstance(err, Skipped):
+                    self._record_skip(name, str(err))
+                elif err is None:
                     self.passed += 1
                     if self.args.verbose:
                         print(f"ok   {name} ({secs:.2f}s)")
                 else:
                     self._record_fail(name, err)
+
+    def _record_skip(self, name, why):
+        if os.environ.get("QCOW2KIT_NO_SKIP"):
+            self._record_fail(name, f"skipped ({why}), and QCOW2KIT_NO_SKIP forbids skips")
+            return
+        self.skipped.append(name)
+        print(f"SKIP {name}: {why}")
+        sys.stdout.flush()
 
     def _record_fail(self, name, detail):
         self.failed.append(name)
@@ -186,11 +214,12 @@ class Runner:
             for n in self.failed:
                 print(f"#   {n}")
         print(f"# {self.title}: {elapsed:.1f}s")
-        print(f"{self.passed} passed, {len(self.failed)} failed")
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        print(f"{self.passed} passed, {len(self.failed)} failed{skipped}")
         sys.stdout.flush()
         if not self.args.keep:
             self._tmp.cleanup()
-        sys.exit(1 if self.failed else 0)
+        sys.exit(1 if self.failed else 77 if self.skipped else 0)
 
 
 # --------------------------------------------------------------------------------------

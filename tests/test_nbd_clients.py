@@ -424,8 +424,7 @@ def mounted(dev, mnt):
 def case_filesystem(S, tmp):
     why = fs_available()
     if why:
-        print(f"# SKIP filesystem: {why}")
-        return
+        T.skip(why)
     img = new_image(tmp, 128 * MiB, name="fs")
     work = os.path.dirname(img)
     disk, mnt = os.path.join(work, "disk"), os.path.join(work, "mnt")

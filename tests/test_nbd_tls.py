@@ -498,13 +498,11 @@ def fio_runner(pki):
 
 def case_fio(S, pki, tmp):
     if not shutil.which("fio"):
-        print("# SKIP tls/fio: fio is not installed")
-        return
+        T.skip("fio is not installed")
     runner = fio_runner(pki)
     if runner is None:
-        print("# SKIP tls/fio: running as root and no user namespace for libnbd's "
-              "non-root certificate lookup")
-        return
+        T.skip("running as root and no user namespace for libnbd's non-root certificate "
+               "lookup")
     prefix, env = runner
     img = new_image(tmp, 64 * MiB, name="fio")
     out = img + ".json"
