@@ -15,7 +15,7 @@ namespace {
 
 class ResizeTest : public ::testing::Test {
  protected:
-  void SetUp() override { reactor_ = std::move(*Reactor::Create()); }
+  void SetUp() override { reactor_ = testing::NewReactor(); }
 
   void Sh(const std::string& cmd) { testing::MustRun("cd " + dir_.path() + " && " + cmd); }
   std::string Out(const std::string& cmd) {

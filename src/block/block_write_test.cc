@@ -29,7 +29,7 @@ void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.name; }
 class ModelTest : public ::testing::TestWithParam<ModelCase> {
  protected:
   void SetUp() override {
-    reactor_ = std::move(*Reactor::Create());
+    reactor_ = testing::NewReactor();
     for (const auto& cmd : GetParam().setup) testing::MustRun("cd " + dir_.path() + " && " + cmd);
     testing::MustRun("cd " + dir_.path() +
                      " && qemu-img convert -O raw img.qcow2 model.raw && cp model.raw initial.raw");

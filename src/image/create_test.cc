@@ -48,7 +48,7 @@ std::string Quote(const std::string& s) {
 Status OurCreate(const std::string& format, const std::string& filename, const std::string& options,
                  const std::string& size, const std::string& backing,
                  const std::string& backing_format, bool unsafe) {
-  auto reactor = Reactor::Create();
+  auto reactor = Reactor::Create(EngineKind::kUring);
   if (!reactor.ok()) return reactor.status();
   CreateRequest r;
   r.filename = filename;

@@ -15,7 +15,7 @@ namespace {
 class MetadataCacheTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    reactor_ = std::move(*Reactor::Create());
+    reactor_ = testing::NewReactor();
     std::vector<uint8_t> data(64 * 1024);
     for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(i / 4096 + 1);
     int fd = ::open((dir_ / "t").c_str(), O_CREAT | O_WRONLY, 0644);

@@ -20,7 +20,7 @@ namespace {
 
 class CheckTest : public ::testing::Test {
  protected:
-  void SetUp() override { reactor_ = std::move(*Reactor::Create()); }
+  void SetUp() override { reactor_ = testing::NewReactor(); }
   void Sh(const std::string& cmd) { testing::MustRun("cd " + dir_.path() + " && " + cmd); }
   // A python3 one-liner on the image's bytes (f: the open file, struct imported).
   void Poke(const std::string& code) {

@@ -15,7 +15,7 @@ namespace {
 
 class RepairTest : public ::testing::Test {
  protected:
-  void SetUp() override { reactor_ = std::move(*Reactor::Create()); }
+  void SetUp() override { reactor_ = testing::NewReactor(); }
   void Sh(const std::string& cmd) { testing::MustRun("cd " + dir_.path() + " && " + cmd); }
   int Rc(const std::string& cmd, std::string* out = nullptr) {
     return testing::Run("cd " + dir_.path() + " && " + cmd, out);

@@ -41,4 +41,13 @@ std::vector<uint8_t> ReadWholeFile(const std::string& path) {
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
+std::unique_ptr<Reactor> NewReactor(EngineKind kind) {
+  auto r = Reactor::Create(kind);
+  if (!r.ok()) {
+    std::fprintf(stderr, "cannot create the test's reactor: %s\n", r.status().ToString().c_str());
+    std::abort();
+  }
+  return std::move(*r);
+}
+
 }  // namespace qcow2kit::testing

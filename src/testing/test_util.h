@@ -3,8 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "qcow2kit/reactor.h"
 
 namespace qcow2kit::testing {
 
@@ -25,5 +28,9 @@ int Run(const std::string& cmd, std::string* out = nullptr);
 // Runs `cmd` and fails the current test if it does not exit 0.
 void MustRun(const std::string& cmd);
 std::vector<uint8_t> ReadWholeFile(const std::string& path);
+
+// A reactor on io_uring (or on `kind`), aborting with the reason if the kernel refuses it:
+// a test that asks for io_uring never runs on the blocking engine unnoticed.
+std::unique_ptr<Reactor> NewReactor(EngineKind kind = EngineKind::kUring);
 
 }  // namespace qcow2kit::testing
