@@ -206,6 +206,10 @@ Task<Status> Qcow2Image::ApplyReleases() {
   for (const Release& r : ready) {
     QK_CO_RETURN_IF_ERROR(co_await UpdateRefcounts(r.offset, r.length, -1));
     tables_freed |= r.metadata;
+    // The space may hold other data from now on: the decompressed copy of it is stale.
+    if (decompressed_host_ >= r.offset && decompressed_host_ - r.offset < r.length) {
+      decompressed_host_ = Extent::kNoHost;
+    }
   }
   // A freed table's clusters may hold guest data from now on.
   if (tables_freed) RebuildMetadataMap();

@@ -284,7 +284,10 @@ Task<Status> Qcow2Image::ReadCompressed(const Extent& e, uint64_t offset,
     // The last sector of the stream may lie past the end of the file (the file end is only
     // sector aligned): those bytes read as zeros.
     std::vector<uint8_t> in(e.compressed_length);
+    // The I/O epoch keeps the host space from being reused until this read is done.
+    const uint64_t epoch = BeginIo();
     Status s = co_await file_->ReadZeroPadded(std::as_writable_bytes(std::span(in)), e.host_offset);
+    EndIo(epoch);
     if (!s.ok()) co_return s;
     decompressed_host_ = Extent::kNoHost;
     auto dst = std::span(reinterpret_cast<uint8_t*>(decompressed_.data()), cluster);
