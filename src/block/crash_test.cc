@@ -1,14 +1,17 @@
 // Power-fail and fault-injection tests of the write path (DESIGN.md, crash consistency).
 //
 // Each workload is a deterministic pseudo-random sequence of writes (allocating, partial with
-// copy-on-write, in place), write-zeroes, discards and flushes on an image made by qemu-img,
-// run with a PowerFailRecorder as the reactor's engine. Then, for random cuts of the recorded
-// I/O, a crash image is built (writes acknowledged by a completed flush kept, an arbitrary
-// subset of the others, sometimes torn at sector granularity) and must
-//   1. pass `qemu-img check` without corruption (leaked clusters are allowed), and
-//   2. read back through qcow2kit with every guest byte as it was at the last flush completed
-//      before the cut, except bytes written after that flush, which may hold any value
-//      written to them since.
+// copy-on-write, in place, some with FUA), write-zeroes, discards and flushes on an image made
+// by qemu-img, run with a PowerFailRecorder as the reactor's engine; on io_uring several
+// operations are in flight at once, flushes and FUA writes among them (the guest-side model
+// is in src/testing/crash_model.h). Then, for random cuts of the recorded I/O, a crash image
+// is built (writes acknowledged by a completed flush kept, an arbitrary subset of the others,
+// sometimes torn at sector granularity) and must
+//   1. pass `qemu-img check` without corruption (leaked clusters are allowed),
+//   2. read the same through qcow2kit and through `qemu-img convert`, and
+//   3. hold every byte of every durable operation (one that returned before a flush was
+//      issued that returned before the cut, or a FUA write that returned before the cut);
+//      other bytes may hold any value an operation issued before the cut gave them later.
 // The fault test runs the same workloads with EIO (once) and ENOSPC (from then on) injected
 // at the Nth write or fdatasync: the failing call returns the error, no fault goes unreported,
 // the file left behind has no corruption and still holds what was flushed.
@@ -37,24 +40,26 @@
 #include "qcow2kit/block.h"
 #include "qcow2kit/image.h"
 #include "qcow2kit/reactor.h"
+#include "testing/crash_model.h"
 #include "testing/test_util.h"
 
 namespace qcow2kit {
 namespace {
 
+using testing::ApplyOp;
+using testing::CheckGuestBytes;
+using testing::Describe;
+using testing::DurabilityModel;
+using testing::FillPattern;
+using testing::GuestOp;
+using testing::MakeOps;
+using testing::Mix;
 using testing::MustRun;
 using testing::ScratchDir;
 
 uint64_t EnvOr(const char* name, uint64_t fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::strtoull(v, nullptr, 0) : fallback;
-}
-
-uint64_t Mix(uint64_t x) {  // splitmix64
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
 }
 
 uint64_t AlignUp(uint64_t v, uint64_t a) {
@@ -73,10 +78,10 @@ struct Workload {
   uint64_t cluster_size;
   std::vector<std::string> setup;  // shell commands making img.qcow2 in an empty directory
   int ops;
-  uint64_t cache_bytes = 0;  // L2 and refcount cache sizes (0: the defaults)
-  uint64_t grow_to = 0;      // first operation: resize the image to this size (0: none)
+  uint64_t cache_bytes = 0;     // L2 and refcount cache sizes (0: the defaults)
+  uint64_t grow_to = 0;         // first operation: resize the image to this size (0: none)
   bool lazy_refcounts = false;  // crash images are repaired by a read-write open first
-  size_t index = 0;          // position in the list, to share out the cuts
+  size_t index = 0;             // position in the list, to share out the cuts
 };
 void PrintTo(const Workload& w, std::ostream* os) {
   *os << w.name;
@@ -107,6 +112,14 @@ std::vector<Workload> Workloads() {
       // has to grow once the file passes 2 MiB, which the first allocations do.
       {"Refcount64Clusters512",
        EngineKind::kSync,
+       512,
+       {"qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 img.qcow2 3M",
+        "qemu-io -c 'write -P 0x44 0 1980k' img.qcow2 >/dev/null"},
+       120},
+      // The same on io_uring: refcount table growth and new refcount blocks while flushes,
+      // FUA writes and allocations of neighbouring clusters are in flight.
+      {"Refcount64Clusters512Uring",
+       EngineKind::kUring,
        512,
        {"qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 img.qcow2 3M",
         "qemu-io -c 'write -P 0x44 0 1980k' img.qcow2 >/dev/null"},
@@ -149,12 +162,12 @@ std::vector<Workload> Workloads() {
                6u << 20});
   // Lazy refcounts: crash images are dirty; the read-write open that repairs them must leave
   // them consistent (not merely leak-free) with the flushed data intact.
-  w.push_back({"LazyRefcounts",
-               EngineKind::kUring,
-               4096,
-               {"qemu-img create -q -f qcow2 -o cluster_size=4k,lazy_refcounts=on img.qcow2 3M",
-                fill},
-               100});
+  w.push_back(
+      {"LazyRefcounts",
+       EngineKind::kUring,
+       4096,
+       {"qemu-img create -q -f qcow2 -o cluster_size=4k,lazy_refcounts=on img.qcow2 3M", fill},
+       100});
   w.back().lazy_refcounts = true;
   // Metadata caches of two slices: clean slices are evicted and read back all the time.
   w.push_back({"SmallCaches",
@@ -165,106 +178,6 @@ std::vector<Workload> Workloads() {
                2048});
   for (size_t i = 0; i < w.size(); ++i) w[i].index = i;
   return w;
-}
-
-// One call on the block device, as generated; the events fields are filled in when it runs.
-struct GuestOp {
-  enum class Kind : uint8_t { kWrite, kZeroes, kDiscard, kFlush, kClose, kGrow };
-  Kind kind = Kind::kFlush;
-  uint64_t offset = 0;
-  uint64_t length = 0;  // kGrow: the new size
-  bool may_unmap = false;
-  uint64_t tag = 0;  // seeds the bytes of a write
-  // Discard: what the discarded whole clusters read afterwards (zeros, or the old data if
-  // the discard was ignored), at effect_offset.
-  uint64_t effect_offset = 0;
-  std::vector<uint8_t> effect;
-  size_t start_event = 0;  // recorder events before the call
-  size_t end_event = 0;    // and after it
-  bool changes_data() const {
-    return kind == Kind::kWrite || kind == Kind::kZeroes || kind == Kind::kDiscard ||
-           kind == Kind::kGrow;
-  }
-  bool is_flush() const { return kind == Kind::kFlush || kind == Kind::kClose; }
-};
-
-const char* KindName(GuestOp::Kind k) {
-  switch (k) {
-    case GuestOp::Kind::kWrite:
-      return "write";
-    case GuestOp::Kind::kZeroes:
-      return "write-zeroes";
-    case GuestOp::Kind::kDiscard:
-      return "discard";
-    case GuestOp::Kind::kFlush:
-      return "flush";
-    case GuestOp::Kind::kClose:
-      return "close";
-    case GuestOp::Kind::kGrow:
-      return "grow";
-  }
-  return "?";
-}
-
-std::string Describe(const GuestOp& op) {
-  char b[160];
-  std::snprintf(b, sizeof b, "%s [%#llx, +%#llx)%s events %zu..%zu", KindName(op.kind),
-                static_cast<unsigned long long>(op.offset),
-                static_cast<unsigned long long>(op.length), op.may_unmap ? " unmap" : "",
-                op.start_event, op.end_event);
-  return b;
-}
-
-// Fills `out` with the bytes a write with `tag` puts at guest [pos, pos + len): one Mix per
-// eight bytes, so that the model is cheap to build even without optimisation.
-void FillPattern(uint64_t tag, uint64_t pos, uint64_t len, uint8_t* out) {
-  const uint64_t end = pos + len;
-  while (pos < end) {
-    const uint64_t base = pos & ~uint64_t{7};
-    const uint64_t word = Mix(tag ^ ((pos >> 3) * 0x9e3779b97f4a7c15ull));
-    uint8_t bytes[8];
-    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<uint8_t>(word >> (i * 8));
-    const uint64_t stop = std::min(end, base + 8);
-    std::memcpy(out, bytes + (pos - base), stop - pos);
-    out += stop - pos;
-    pos = stop;
-  }
-}
-
-// The guest range whose content `op` sets: [*lo, *hi), empty if none.
-void RangeOf(const GuestOp& op, uint64_t* lo, uint64_t* hi) {
-  *lo = *hi = 0;
-  if (op.kind == GuestOp::Kind::kWrite || op.kind == GuestOp::Kind::kZeroes) {
-    *lo = op.offset;
-    *hi = op.offset + op.length;
-  } else if (op.kind == GuestOp::Kind::kDiscard) {
-    *lo = op.effect_offset;
-    *hi = op.effect_offset + op.effect.size();
-  }
-}
-
-// The values `op` gives guest [pos, pos + len), which must lie inside RangeOf(op).
-void ValuesOf(const GuestOp& op, uint64_t pos, uint64_t len, uint8_t* out) {
-  switch (op.kind) {
-    case GuestOp::Kind::kWrite:
-      FillPattern(op.tag, pos, len, out);
-      break;
-    case GuestOp::Kind::kZeroes:
-      std::memset(out, 0, len);
-      break;
-    case GuestOp::Kind::kDiscard:
-      std::memcpy(out, op.effect.data() + (pos - op.effect_offset), len);
-      break;
-    default:
-      break;
-  }
-}
-
-void ApplyOp(const GuestOp& op, std::vector<uint8_t>* model) {
-  if (op.kind == GuestOp::Kind::kGrow) model->resize(op.length, 0);
-  uint64_t lo, hi;
-  RangeOf(op, &lo, &hi);
-  if (lo < hi) ValuesOf(op, lo, hi - lo, model->data() + lo);
 }
 
 std::vector<uint8_t> ReadFile(const std::string& path) {
@@ -280,74 +193,24 @@ std::vector<uint8_t> ReadFile(const std::string& path) {
   return out;
 }
 
-// A deterministic mix of operations over an image of `size` bytes; ends with kClose.
-std::vector<GuestOp> MakeOps(uint64_t size, uint64_t cs, int count, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  auto below = [&](uint64_t n) { return n == 0 ? 0 : rng() % n; };
-  const uint64_t max_len = std::min<uint64_t>(256 << 10, 32 * cs);
-  std::vector<std::pair<uint64_t, uint64_t>> written;
-  std::vector<GuestOp> ops;
-  for (int i = 0; i < count; ++i) {
-    GuestOp op;
-    op.tag = rng();
-    uint64_t r = below(100);
-    if (r < 20) {  // allocating: whole clusters
-      op.kind = GuestOp::Kind::kWrite;
-      op.offset = below(size / cs) * cs;
-      op.length = cs * (1 + below(std::max<uint64_t>(1, max_len / cs)));
-    } else if (r < 45) {  // partial clusters: copy-on-write of head and tail
-      op.kind = GuestOp::Kind::kWrite;
-      op.offset = below(size);
-      if (below(2)) op.offset = AlignDown(op.offset, 512);
-      op.length = 1 + below(std::min(max_len, 3 * cs));
-    } else if (r < 60 && !written.empty()) {  // inside an earlier write: in place
-      auto [o, l] = written[below(written.size())];
-      op.kind = GuestOp::Kind::kWrite;
-      op.offset = o + below(l);
-      op.length = 1 + below(o + l - op.offset);
-    } else if (r < 70) {
-      op.kind = GuestOp::Kind::kZeroes;
-      op.offset = below(2) ? below(size) : below(size / cs) * cs;
-      op.length = 1 + below(4 * cs);
-      op.may_unmap = below(2);
-    } else if (r < 80) {
-      op.kind = GuestOp::Kind::kDiscard;
-      op.offset = below(2) ? below(size) : below(size / cs) * cs;
-      op.length = 1 + below(max_len);
-    } else {
-      op.kind = GuestOp::Kind::kFlush;
-    }
-    if (op.kind != GuestOp::Kind::kFlush) {
-      op.length = std::min(op.length, size - op.offset);
-      if (op.length == 0) {
-        op.offset = size - 1;
-        op.length = 1;
-      }
-    }
-    if (op.kind == GuestOp::Kind::kWrite) written.emplace_back(op.offset, op.length);
-    ops.push_back(op);
-  }
-  ops.emplace_back().kind = GuestOp::Kind::kClose;
-  return ops;
-}
-
 // ---- Running a workload ----------------------------------------------------------------
 
 // Runs `op` on `dev`. Discards are read back to learn their effect (and the model updated
-// with it); other operations are applied to `model` only when they succeed.
-Status RunOp(Reactor* reactor, BlockDevice* dev, GuestOp* op, std::vector<uint8_t>* model) {
+// with it); other operations are applied to `model` only when they succeed. No operation
+// overlapping `op` may be in flight (the model of its range is exact).
+Task<Status> RunOpAsync(BlockDevice* dev, GuestOp* op, std::vector<uint8_t>* model) {
   switch (op->kind) {
     case GuestOp::Kind::kWrite: {
       std::vector<std::byte> buf(op->length);
       FillPattern(op->tag, op->offset, op->length, reinterpret_cast<uint8_t*>(buf.data()));
-      Status s = reactor->BlockOn(dev->Write(op->offset, buf));
+      Status s = co_await dev->Write(op->offset, buf, op->fua);
       if (s.ok()) ApplyOp(*op, model);
-      return s;
+      co_return s;
     }
     case GuestOp::Kind::kZeroes: {
-      Status s = reactor->BlockOn(dev->WriteZeroes(op->offset, op->length, op->may_unmap));
+      Status s = co_await dev->WriteZeroes(op->offset, op->length, op->may_unmap, op->fua);
       if (s.ok()) ApplyOp(*op, model);
-      return s;
+      co_return s;
     }
     case GuestOp::Kind::kDiscard: {
       const uint64_t cs = dev->top().cluster_size();
@@ -357,132 +220,153 @@ Status RunOp(Reactor* reactor, BlockDevice* dev, GuestOp* op, std::vector<uint8_
       // Until read back, the whole clusters may be zero (or, if the call fails, still old).
       op->effect_offset = a;
       op->effect.assign(a < b ? b - a : 0, 0);
-      Status s = reactor->BlockOn(dev->Discard(op->offset, op->length));
-      if (!s.ok() || a >= b) return s;
+      Status s = co_await dev->Discard(op->offset, op->length);
+      if (!s.ok() || a >= b) co_return s;
       std::vector<std::byte> got(b - a);
-      Status r = reactor->BlockOn(dev->Read(a, got));
-      if (!r.ok()) return r.WithContext("reading back a discard");
+      Status r = co_await dev->Read(a, got);
+      if (!r.ok()) co_return r.WithContext("reading back a discard");
       for (uint64_t p = a; p < b; ++p) {
         uint8_t v = static_cast<uint8_t>(got[p - a]);
         if (v != 0 && v != (*model)[p]) {
-          return Status::Corrupt("discarded guest byte " + std::to_string(p) +
-                                 " reads neither zero nor its old value");
+          co_return Status::Corrupt("discarded guest byte " + std::to_string(p) +
+                                    " reads neither zero nor its old value");
         }
       }
       op->effect.assign(reinterpret_cast<uint8_t*>(got.data()),
                         reinterpret_cast<uint8_t*>(got.data()) + got.size());
       ApplyOp(*op, model);
-      return Status::Ok();
+      co_return Status::Ok();
     }
-    case GuestOp::Kind::kFlush:
-      return reactor->BlockOn(dev->Flush());
-    case GuestOp::Kind::kClose:
-      return reactor->BlockOn(dev->Close());
+    case GuestOp::Kind::kFlush: {
+      Status s = co_await dev->Flush();
+      co_return s;
+    }
+    case GuestOp::Kind::kClose: {
+      Status s = co_await dev->Close();
+      co_return s;
+    }
     case GuestOp::Kind::kGrow: {
-      Status s = reactor->BlockOn(dev->Resize(op->length));
+      Status s = co_await dev->Resize(op->length);
       if (s.ok()) ApplyOp(*op, model);
-      return s;
+      co_return s;
     }
   }
-  return Status::Ok();
+  co_return Status::Ok();
 }
 
-// With io_uring, the power-fail test runs up to this many consecutive writes and
-// write-zeroes at once when their guest ranges do not overlap (the model stays exact while
-// allocations, copy-on-write and metadata updates of neighbouring ranges interleave).
+Status RunOp(Reactor* reactor, BlockDevice* dev, GuestOp* op, std::vector<uint8_t>* model) {
+  return reactor->BlockOn(RunOpAsync(dev, op, model));
+}
+
+// With io_uring, the power-fail test keeps up to this many operations in flight.
 constexpr size_t kConcurrency = 4;
 
-// The end of the batch of operations starting at `i` that may run concurrently.
-size_t BatchEnd(const std::vector<GuestOp>& ops, size_t i, size_t limit) {
-  auto batchable = [](const GuestOp& op) {
-    return op.kind == GuestOp::Kind::kWrite || op.kind == GuestOp::Kind::kZeroes;
-  };
-  size_t j = i + 1;
-  if (!batchable(ops[i])) return j;
-  for (; j < ops.size() && j - i < limit && batchable(ops[j]); ++j) {
-    for (size_t k = i; k < j; ++k) {
-      bool disjoint = ops[j].offset + ops[j].length <= ops[k].offset ||
-                      ops[k].offset + ops[k].length <= ops[j].offset;
-      if (!disjoint) return j;
+// A deliberately broken write path, to show that the power-fail test notices it.
+enum class Sabotage {
+  kNone,
+  kDropSyncs,             // fdatasync and fsync are acknowledged without being done
+  kFlushIgnoresInFlight,  // a flush issued while other requests are in flight returns at once
+};
+
+// What running a workload through the pipeline did.
+struct PipelineStats {
+  uint64_t overlapped = 0;      // operations issued while others were in flight
+  uint64_t racing_flushes = 0;  // flushes among them
+  uint64_t fua = 0;             // FUA writes and write-zeroes
+};
+
+// Runs a workload's operations in order with up to `window` in flight: an operation waits
+// for the in-flight ones whose guest range it overlaps (so that the model stays exact), a
+// grow or close waits for all, and flushes and FUA writes race whatever is in flight, as
+// NBD clients' requests do. Each operation gets its events and sequence numbers.
+class Pipeline {
+ public:
+  Pipeline(Reactor* reactor, BlockDevice* dev, const PowerFailRecorder* recorder,
+           std::vector<uint8_t>* model, Sabotage sabotage)
+      : reactor_(reactor), dev_(dev), recorder_(recorder), model_(model), sabotage_(sabotage) {}
+
+  Status Run(std::vector<GuestOp>* ops, size_t window, PipelineStats* stats) {
+    for (GuestOp& op : *ops) {
+      while (MustWait(op, window)) reactor_->RunOnce(true);
+      if (!error_.ok()) break;
+      op.issue_seq = ++seq_;
+      op.start_event = recorder_->events().size();
+      if (!in_flight_.empty()) {
+        ++stats->overlapped;
+        stats->racing_flushes += op.is_flush();
+      }
+      stats->fua += op.fua;
+      in_flight_.push_back(&op);
+      reactor_->Spawn(RunOne(&op));
     }
+    reactor_->RunUntilIdle();
+    return error_;
   }
-  return j;
+
+ private:
+  bool MustWait(const GuestOp& op, size_t window) const {
+    if (in_flight_.size() >= window) return true;
+    const bool alone = op.kind == GuestOp::Kind::kGrow || op.kind == GuestOp::Kind::kClose;
+    if (alone) return !in_flight_.empty();
+    return std::any_of(in_flight_.begin(), in_flight_.end(),
+                       [&](const GuestOp* o) { return testing::Overlap(*o, op); });
+  }
+
+  Task<void> RunOne(GuestOp* op) {
+    Status s;
+    if (op->kind == GuestOp::Kind::kFlush && sabotage_ == Sabotage::kFlushIgnoresInFlight &&
+        in_flight_.size() > 1) {
+      s = Status::Ok();
+    } else {
+      s = co_await RunOpAsync(dev_, op, model_);
+    }
+    op->done_seq = ++seq_;
+    op->end_event = recorder_->events().size();
+    in_flight_.erase(std::find(in_flight_.begin(), in_flight_.end(), op));
+    if (!s.ok() && error_.ok()) error_ = s.WithContext(Describe(*op));
+  }
+
+  Reactor* reactor_;
+  BlockDevice* dev_;
+  const PowerFailRecorder* recorder_;
+  std::vector<uint8_t>* model_;
+  Sabotage sabotage_;
+  uint64_t seq_ = 0;
+  std::vector<GuestOp*> in_flight_;
+  Status error_;
+};
+
+// Reads `path` with `qemu-img convert` into raw bytes (from the image's directory, as
+// QemuCheck does), the second opinion on what a crash image holds.
+Result<std::vector<uint8_t>> QemuReadGuest(const std::string& path) {
+  const auto slash = path.rfind('/');
+  const std::string dir = path.substr(0, slash), name = path.substr(slash + 1);
+  std::string out;
+  int rc = testing::Run(
+      "cd '" + dir + "' && qemu-img convert -U -O raw '" + name + "' '" + name + ".raw'", &out);
+  if (rc != 0)
+    return Status::Error(EIO, "qemu-img convert failed (exit " + std::to_string(rc) + "): " + out);
+  auto bytes = ReadFile(path + ".raw");
+  std::filesystem::remove(path + ".raw");
+  return bytes;
 }
 
-// Runs a write or write-zeroes as one task of a concurrent batch.
-Task<void> RunConcurrently(BlockDevice* dev, const GuestOp* op, Status* out) {
-  if (op->kind == GuestOp::Kind::kWrite) {
-    std::vector<std::byte> buf(op->length);
-    FillPattern(op->tag, op->offset, op->length, reinterpret_cast<uint8_t*>(buf.data()));
-    Status s = co_await dev->Write(op->offset, buf);
-    *out = s;
-  } else {
-    Status s = co_await dev->WriteZeroes(op->offset, op->length, op->may_unmap);
-    *out = s;
+// "" if qemu-img reads `path` as `ours`, else where the two first differ.
+std::string CompareWithQemu(const std::string& path, const std::vector<uint8_t>& ours) {
+  auto theirs = QemuReadGuest(path);
+  if (!theirs.ok()) return theirs.status().ToString();
+  if (theirs->size() != ours.size()) {
+    return "qemu-img reads " + std::to_string(theirs->size()) + " guest bytes, qcow2kit " +
+           std::to_string(ours.size());
   }
-}
-
-// Compares what the guest reads (`got`) with `flushed`, the content at the last completed
-// flush; a byte may differ only if one of `since` (operations after that flush that may have
-// reached the disk) gives it that value. Returns "" or the first problem.
-std::string CheckGuestBytes(const std::vector<uint8_t>& got, const std::vector<uint8_t>& flushed,
-                            const std::vector<const GuestOp*>& since, uint64_t* unflushed_bytes) {
-  if (got.size() != flushed.size()) {
-    // Only an unflushed grow to exactly this size may have changed it; the grown range reads
-    // zeros until written.
-    bool grown = false;
-    for (const GuestOp* op : since) {
-      grown |= op->kind == GuestOp::Kind::kGrow && op->length == got.size();
-    }
-    if (!grown) return "guest size changed to " + std::to_string(got.size());
-    std::vector<uint8_t> expect = flushed;
-    expect.resize(got.size(), 0);
-    return CheckGuestBytes(got, expect, since, unflushed_bytes);
-  }
-  // What each operation of `since` overlapping a chunk gives the chunk's bytes.
-  struct Candidate {
-    const GuestOp* op;
-    uint64_t lo, hi;
-    std::vector<uint8_t> values;
-  };
-  std::vector<Candidate> candidates;
-  constexpr size_t kChunk = 4096;
-  for (size_t c = 0; c < got.size(); c += kChunk) {
-    const size_t n = std::min(kChunk, got.size() - c);
-    if (std::memcmp(got.data() + c, flushed.data() + c, n) == 0) continue;
-    candidates.clear();
-    for (const GuestOp* op : since) {
-      uint64_t lo, hi;
-      RangeOf(*op, &lo, &hi);
-      lo = std::max<uint64_t>(lo, c);
-      hi = std::min<uint64_t>(hi, c + n);
-      if (lo >= hi) continue;
-      Candidate& cand = candidates.emplace_back(Candidate{op, lo, hi, {}});
-      cand.values.resize(hi - lo);
-      ValuesOf(*op, lo, hi - lo, cand.values.data());
-    }
-    for (size_t p = c; p < c + n; ++p) {
-      if (got[p] == flushed[p]) continue;
-      bool explained = false;
-      for (const Candidate& cand : candidates) {
-        explained |= p >= cand.lo && p < cand.hi && cand.values[p - cand.lo] == got[p];
-      }
-      if (!explained) {
-        char b[200];
-        std::snprintf(b, sizeof b, "guest byte %#zx reads %u; flushed value %u", p, got[p],
-                      flushed[p]);
-        std::string covering;
-        for (const Candidate& cand : candidates) {
-          if (p < cand.lo || p >= cand.hi) continue;
-          covering += "\n    may be " + std::to_string(cand.values[p - cand.lo]) + " from " +
-                      Describe(*cand.op);
-        }
-        return b + (covering.empty() ? std::string(", not written since") : covering);
-      }
-      ++*unflushed_bytes;
-    }
-  }
-  return "";
+  auto [a, b] = std::mismatch(ours.begin(), ours.end(), theirs->begin());
+  if (a == ours.end()) return "";
+  char m[160];
+  std::snprintf(m, sizeof m,
+                "qemu-img and qcow2kit read the image differently: guest byte %#zx "
+                "is %u for qemu-img, %u for qcow2kit",
+                size_t(a - ours.begin()), *b, *a);
+  return m;
 }
 
 // Runs `qemu-img check` on `path`: "" if it found no corruption (leaks are allowed), else what
@@ -615,6 +499,7 @@ class CrashTest : public ::testing::TestWithParam<Workload> {
       grow.length = w.grow_to;
       ops_ = MakeOps(w.grow_to, w.cluster_size, ops, seed_);
       ops_.insert(ops_.begin(), grow);
+      for (size_t i = 0; i < ops_.size(); ++i) ops_[i].index = i;
     } else {
       ops_ = MakeOps(initial_.size(), w.cluster_size, ops, seed_);
     }
@@ -677,8 +562,8 @@ struct Cut {
 };
 
 // The cuts to check: the end, the moments just before and after the last sync of some
-// flushes (where ordering mistakes show), and random points; a point drawn again gets another
-// crash image, so any number of cuts can be asked for.
+// flushes and FUA writes (where ordering mistakes show), and random points; a point drawn again
+// gets another crash image, so any number of cuts can be asked for.
 std::vector<Cut> ChooseCuts(size_t events, const std::vector<GuestOp>& ops, size_t k,
                             std::mt19937_64& rng) {
   std::set<Cut> cuts = {{events, 0}};
@@ -689,7 +574,7 @@ std::vector<Cut> ChooseCuts(size_t events, const std::vector<GuestOp>& ops, size
   };
   std::vector<size_t> flush_ends;
   for (const auto& op : ops) {
-    if (op.is_flush() && op.end_event > 0) flush_ends.push_back(op.end_event);
+    if ((op.is_flush() || op.fua) && op.end_event > 0) flush_ends.push_back(op.end_event);
   }
   for (size_t i = 0; i < k / 8 && !flush_ends.empty(); ++i) {
     size_t e = flush_ends[rng() % flush_ends.size()];
@@ -703,29 +588,32 @@ std::vector<Cut> ChooseCuts(size_t events, const std::vector<GuestOp>& ops, size
 // What checking the cuts of one workload found.
 struct CrashStats {
   size_t events = 0;
-  uint64_t concurrent_ops = 0;  // operations run in concurrent batches
+  PipelineStats pipeline;
   uint64_t checked = 0, torn = 0, with_unflushed = 0;
   uint64_t check_failures = 0;        // qemu-img check found corruption
   uint64_t read_failures = 0;         // qcow2kit could not read the image back
-  uint64_t data_failures = 0;         // flushed data lost or unexplained bytes
+  uint64_t oracle_failures = 0;       // qemu-img reads it differently
+  uint64_t data_failures = 0;         // durable data lost or unexplained bytes
   std::vector<std::string> problems;  // the first few, with how to reproduce them
-  uint64_t failures() const { return check_failures + read_failures + data_failures; }
+  uint64_t failures() const {
+    return check_failures + read_failures + oracle_failures + data_failures;
+  }
 };
 
 class PowerFailCrashTest : public CrashTest {
  protected:
-  // Records the workload (with every sync dropped if `drop_syncs`) and checks `k` cuts.
-  void RecordAndCrash(size_t k, bool drop_syncs, CrashStats* stats);
+  // Records the workload (through `sabotage`) and checks `k` cuts.
+  void RecordAndCrash(size_t k, Sabotage sabotage, CrashStats* stats);
 };
 
-void PowerFailCrashTest::RecordAndCrash(size_t k, bool drop_syncs, CrashStats* stats) {
+void PowerFailCrashTest::RecordAndCrash(size_t k, Sabotage sabotage, CrashStats* stats) {
   const Workload& w = GetParam();
   // Record the workload.
   std::string work = FreshCopy("work");
   auto reactor = std::make_unique<Reactor>(MakeEngine(w.engine));
   auto* recorder = new PowerFailRecorder(reactor->ReplaceEngine(nullptr));
   std::unique_ptr<Engine> top(recorder);
-  if (drop_syncs) top = std::make_unique<SyncDroppingEngine>(std::move(top));
+  if (sabotage == Sabotage::kDropSyncs) top = std::make_unique<SyncDroppingEngine>(std::move(top));
   reactor->ReplaceEngine(std::move(top));
   auto img = reactor->BlockOn(OpenImage(work + "/img.qcow2", Writable()));
   ASSERT_TRUE(img.ok()) << img.status().ToString();
@@ -734,35 +622,17 @@ void PowerFailCrashTest::RecordAndCrash(size_t k, bool drop_syncs, CrashStats* s
   const int image_fd = dev->top().file(0)->fd();
   const int data_fd = dev->top().file(1) ? dev->top().file(1)->fd() : -1;
   std::vector<uint8_t> model = initial_;
-  for (size_t i = 0; i < ops_.size();) {
-    const size_t j = BatchEnd(ops_, i, w.engine == EngineKind::kUring ? kConcurrency : 1);
-    const size_t start = recorder->events().size();
-    if (j == i + 1) {
-      Status s = RunOp(reactor.get(), dev.get(), &ops_[i], &model);
-      ASSERT_TRUE(s.ok()) << Describe(ops_[i]) << ": " << s.ToString();
-    } else {
-      std::vector<Status> results(j - i);
-      for (size_t k = i; k < j; ++k) {
-        reactor->Spawn(RunConcurrently(dev.get(), &ops_[k], &results[k - i]));
-      }
-      reactor->RunUntilIdle();
-      stats->concurrent_ops += j - i;
-      for (size_t k = i; k < j; ++k) {
-        ASSERT_TRUE(results[k - i].ok()) << Describe(ops_[k]) << ": " << results[k - i].ToString();
-        ApplyOp(ops_[k], &model);
-      }
-    }
-    for (; i < j; ++i) {
-      ops_[i].start_event = start;
-      ops_[i].end_event = recorder->events().size();
-    }
-  }
+  Pipeline pipeline(reactor.get(), dev.get(), recorder, &model, sabotage);
+  const size_t window = w.engine == EngineKind::kUring ? kConcurrency : 1;
+  Status run = pipeline.Run(&ops_, window, &stats->pipeline);
+  ASSERT_TRUE(run.ok()) << run.ToString();
   dev.reset();
   // The recorder leaves the reactor before the descriptors it tracks are reused.
   std::unique_ptr<Engine> owned = reactor->ReplaceEngine(MakeEngine(w.engine));
   const size_t events = stats->events = recorder->events().size();
   ASSERT_TRUE(recorder->tracked(image_fd));
-  ASSERT_EQ(recorder->LastFlushBefore(image_fd, events).has_value(), !drop_syncs);
+  ASSERT_EQ(recorder->LastFlushBefore(image_fd, events).has_value(),
+            sabotage != Sabotage::kDropSyncs);
 
   // Sanity: replaying every event gives the files as they are, so no write bypassed the
   // engine, and the image is clean after Close.
@@ -784,23 +654,9 @@ void PowerFailCrashTest::RecordAndCrash(size_t k, bool drop_syncs, CrashStats* s
     cuts = {{std::strtoull(only, nullptr, 0), 0}};
   }
   std::string crash = FreshCopy("crash");
-  std::vector<uint8_t> flushed = initial_;
-  size_t applied_ops = 0;  // ops_[0, applied_ops) are in `flushed`
+  DurabilityModel durable(initial_, ops_);
   for (const Cut& cut : cuts) {
-    // The last flush completed before the cut, and the operations that may have reached the
-    // disk after it.
-    size_t upto = 0;
-    for (size_t i = 0; i < ops_.size(); ++i) {
-      if (ops_[i].is_flush() && ops_[i].end_event <= cut.events) upto = i + 1;
-    }
-    for (; applied_ops < upto; ++applied_ops) ApplyOp(ops_[applied_ops], &flushed);
-    std::vector<const GuestOp*> since;
-    for (size_t i = upto; i < ops_.size(); ++i) {
-      if (ops_[i].changes_data() && ops_[i].start_event <= cut.events) {
-        since.push_back(&ops_[i]);
-      }
-    }
-
+    durable.AdvanceTo(cut.events);
     const uint64_t image_seed =
         Mix(seed_ ^ (cut.events * 0x100000001b3ull) ^ (uint64_t{cut.variant} << 48));
     CrashOptions options;
@@ -814,16 +670,18 @@ void PowerFailCrashTest::RecordAndCrash(size_t k, bool drop_syncs, CrashStats* s
     }
 
     uint64_t unflushed = 0;
-    std::string problem = w.lazy_refcounts ? RepairByOpening(reactor.get(), crash + "/img.qcow2")
-                                           : "";
+    std::string problem =
+        w.lazy_refcounts ? RepairByOpening(reactor.get(), crash + "/img.qcow2") : "";
     if (problem.empty()) problem = QemuCheck(crash + "/img.qcow2");
     if (!problem.empty()) {
       ++stats->check_failures;
     } else if (auto got = ReadGuest(reactor.get(), crash + "/img.qcow2"); !got.ok()) {
       ++stats->read_failures;
       problem = "qcow2kit cannot read the crash image: " + got.status().ToString();
+    } else if (problem = CompareWithQemu(crash + "/img.qcow2", *got); !problem.empty()) {
+      ++stats->oracle_failures;
     } else {
-      problem = CheckGuestBytes(*got, flushed, since, &unflushed);
+      problem = durable.Check(*got, &unflushed);
       stats->data_failures += !problem.empty();
     }
     ++stats->checked;
@@ -831,7 +689,7 @@ void PowerFailCrashTest::RecordAndCrash(size_t k, bool drop_syncs, CrashStats* s
     stats->with_unflushed += unflushed > 0;
     if (!problem.empty() && stats->problems.size() < 5) {
       std::string keep = "/tmp/qk_crash_" + w.name + "_cut" + std::to_string(cut.events);
-      if (drop_syncs) {
+      if (sabotage != Sabotage::kNone) {
         keep = "(not kept)";
       } else {
         testing::Run("rm -rf " + keep + " && cp -a " + crash + " " + keep);
@@ -839,8 +697,9 @@ void PowerFailCrashTest::RecordAndCrash(size_t k, bool drop_syncs, CrashStats* s
       stats->problems.push_back(
           w.name + ": crash after event " + std::to_string(cut.events) + " of " +
           std::to_string(events) + (options.torn_writes ? " (torn writes)" : "") + ", last flush " +
-          (upto ? Describe(ops_[upto - 1]) : "none") + ":\n  " + problem + "\n  files kept in " +
-          keep + "; QCOW2KIT_CRASH_SEED=" + std::to_string(EnvOr("QCOW2KIT_CRASH_SEED", 1)) +
+          (durable.last_flush() ? Describe(*durable.last_flush()) : "none") + ":\n  " + problem +
+          "\n  files kept in " + keep +
+          "; QCOW2KIT_CRASH_SEED=" + std::to_string(EnvOr("QCOW2KIT_CRASH_SEED", 1)) +
           " QCOW2KIT_CRASH_CUT=" + std::to_string(cut.events) + " checks it again (variant " +
           std::to_string(cut.variant) + ")");
     }
@@ -853,13 +712,16 @@ TEST_P(PowerFailCrashTest, PowerFailAtRandomPointsLosesNothingFlushed) {
   const size_t n = Workloads().size();
   const size_t k = std::max<size_t>(1, total_cuts / n + (w.index < total_cuts % n ? 1 : 0));
   CrashStats stats;
-  RecordAndCrash(k, false, &stats);
+  RecordAndCrash(k, Sabotage::kNone, &stats);
   for (const auto& p : stats.problems) ADD_FAILURE() << p;
   std::printf(
-      "crash test [%s]: %llu cuts checked of %zu events, %llu of %zu operations run "
-      "concurrently (%llu torn, %llu with unflushed data read back), %llu corruptions\n",
-      w.name.c_str(), static_cast<unsigned long long>(stats.checked), stats.events,
-      static_cast<unsigned long long>(stats.concurrent_ops), ops_.size(),
+      "crash test [%s]: %llu cuts checked of %zu events; of %zu operations %llu issued while "
+      "others were in flight (%llu flushes), %llu FUA (%llu torn, %llu with unflushed data "
+      "read back), %llu corruptions\n",
+      w.name.c_str(), static_cast<unsigned long long>(stats.checked), stats.events, ops_.size(),
+      static_cast<unsigned long long>(stats.pipeline.overlapped),
+      static_cast<unsigned long long>(stats.pipeline.racing_flushes),
+      static_cast<unsigned long long>(stats.pipeline.fua),
       static_cast<unsigned long long>(stats.torn),
       static_cast<unsigned long long>(stats.with_unflushed),
       static_cast<unsigned long long>(stats.failures()));
@@ -875,19 +737,33 @@ TEST_P(PowerFailCrashTest, PowerFailAtRandomPointsLosesNothingFlushed) {
 // data and break the metadata order, and the checks above notice.
 using SelfCheckCrashTest = PowerFailCrashTest;
 
-TEST_P(SelfCheckCrashTest, NoticesAWritePathThatDoesNotSync) {
-  CrashStats stats;
-  RecordAndCrash(40, true, &stats);
+void PrintSelfCheck(const char* what, const std::string& workload, const CrashStats& stats) {
   std::printf(
-      "crash test self-check [%s]: of %llu cuts without syncs, %llu failed qemu-img "
-      "check, %llu lost flushed data, %llu unreadable\n",
-      GetParam().name.c_str(), static_cast<unsigned long long>(stats.checked),
+      "crash test self-check [%s, %s]: of %llu cuts, %llu failed qemu-img check, %llu lost "
+      "durable data, %llu unreadable\n",
+      workload.c_str(), what, static_cast<unsigned long long>(stats.checked),
       static_cast<unsigned long long>(stats.check_failures),
       static_cast<unsigned long long>(stats.data_failures),
       static_cast<unsigned long long>(stats.read_failures));
   if (!stats.problems.empty()) std::printf("  first: %s\n", stats.problems[0].c_str());
+}
+
+TEST_P(SelfCheckCrashTest, NoticesAWritePathThatDoesNotSync) {
+  CrashStats stats;
+  RecordAndCrash(40, Sabotage::kDropSyncs, &stats);
+  PrintSelfCheck("no syncs", GetParam().name, stats);
   EXPECT_GT(stats.data_failures, 0u);
   EXPECT_GT(stats.check_failures, 0u);
+}
+
+// A flush racing writes must still cover every write that returned before it was issued;
+// one that returns at once when anything else is in flight loses such writes.
+TEST_P(SelfCheckCrashTest, NoticesAFlushThatIgnoresWritesInFlight) {
+  CrashStats stats;
+  RecordAndCrash(60, Sabotage::kFlushIgnoresInFlight, &stats);
+  PrintSelfCheck("flush returns while writes are in flight", GetParam().name, stats);
+  EXPECT_GT(stats.pipeline.racing_flushes, 0u);
+  EXPECT_GT(stats.data_failures, 0u);
 }
 
 // ---- The fault-injection test ----------------------------------------------------------
@@ -1013,8 +889,7 @@ TEST_P(FaultCrashTest, InjectedFaultsReturnErrorsAndLeaveNoCorruption) {
         << run.failed_call << " returned " << run.first_error.ToString();
 
     Reactor reader(MakeEngine(w.engine));
-    std::string problem =
-        w.lazy_refcounts ? RepairByOpening(&reader, work + "/img.qcow2") : "";
+    std::string problem = w.lazy_refcounts ? RepairByOpening(&reader, work + "/img.qcow2") : "";
     if (problem.empty()) problem = QemuCheck(work + "/img.qcow2");
     if (problem.empty()) {
       auto got = ReadGuest(&reader, work + "/img.qcow2");
@@ -1026,9 +901,9 @@ TEST_P(FaultCrashTest, InjectedFaultsReturnErrorsAndLeaveNoCorruption) {
         // may have left its range half written.
         std::vector<const GuestOp*> failed;
         if (run.failed_op) failed.push_back(run.failed_op);
-        problem = CheckGuestBytes(*got, run.model, failed, &unflushed);
+        problem = CheckGuestBytes(*got, run.model, {}, failed, &unflushed);
       } else {
-        problem = CheckGuestBytes(*got, run.flushed, run.since, &unflushed);
+        problem = CheckGuestBytes(*got, run.flushed, {}, run.since, &unflushed);
       }
     }
     if (!problem.empty()) {

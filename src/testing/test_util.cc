@@ -16,7 +16,9 @@ ScratchDir::ScratchDir() {
   path_ = ::mkdtemp(tmpl);
 }
 
-ScratchDir::~ScratchDir() { std::system(("rm -rf '" + path_ + "'").c_str()); }
+ScratchDir::~ScratchDir() {
+  std::system(("rm -rf '" + path_ + "'").c_str());
+}
 
 int Run(const std::string& cmd, std::string* out) {
   FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
