@@ -9,7 +9,8 @@ qemu-nbd 7.2 as the differential oracle serving a copy of the same image.
               images; --can X / --is read-only exit codes; -L.
   qemu-io     pattern writes/reads, FUA, write zeroes (plain, unmap, fast), discard, aio +
               flush through the server, replayed with qemu-io on a reference copy: the export
-              and, after the stop, the image must equal the reference.
+              and, after the stop, the image (read by qemu-img) must equal the reference; on
+              the plain image and over a backing chain, compressed clusters and extended L2.
   qemu-img    map --output=json over NBD equals the same against qemu-nbd.
   nbdcopy     -C 4 out of the server and --flush into it (random data with holes over an image
               full of old data), also with --request-size=4M -R 64.
@@ -302,12 +303,29 @@ QEMU_IO_SCRIPT = [
 ]
 
 
-def case_qemu_io(S, imgs, extra):
-    a = imgs.fresh("plain")
-    ref = NS.copy_image(a, a + ".ref")
+# Writes over what the layered images hold below (backing data at every depth, compressed
+# clusters, subclusters): partial clusters that copy from a backing file or a compressed
+# cluster, zeroes and unmaps over backing data (which must then read zeros), discards,
+# pipelined writes with a flush and FUA across a cluster boundary. Offsets fit the 4 MiB
+# extl2 image.
+LAYERED_SCRIPT = [
+    "write -P 0xa1 1000k 8k", "write -P 0xa2 2052k 3k", "write -z 4k 2k",
+    "write -z -u 64k 64k", "read -P 0 64k 64k", "discard 128k 64k", "write -P 0xa5 1M 512",
+    "aio_write -P 0xa3 3M 4k", "aio_write -P 0xa4 3076k 60k", "aio_flush",
+    "write -f -P 0xa6 3000k 10k", "write -P 0xa7 66k 1k", "flush",
+]
+
+
+def case_qemu_io(S, imgs, extra, image="plain", script=QEMU_IO_SCRIPT):
+    """`script` through the server and with qemu-io on a copy: the export equals the copy,
+    and after the stop qemu-img reads the image as the copy (qemu-img is the judge of what
+    was written, not the server that wrote it)."""
+    a = imgs.fresh(image)
+    ref = os.path.join(os.path.dirname(a) + ".ref", "img.qcow2")
+    NS.copy_image(os.path.dirname(a), os.path.dirname(ref))
     with S.under_test(a, "--discard=unmap", *extra) as srv:
-        qemu_io_uri(srv.uri, QEMU_IO_SCRIPT)
-        T.QemuTools().io(ref, QEMU_IO_SCRIPT)
+        qemu_io_uri(srv.uri, script)
+        T.QemuTools().io(ref, script)
         compare(srv.uri, ref, "raw", "qcow2", "the export and the reference")
     compare(a, ref, what="the image after the stop and the reference")
 
@@ -528,6 +546,8 @@ def main():
     R.defer("qemu-io/script", case_qemu_io, S, imgs, ())
     R.defer("qemu-io/script-writeback-threads", case_qemu_io, S, imgs,
             ("--cache=writeback", "--aio=threads"))
+    for name in ("chain", "compressed", "extl2"):
+        R.defer(f"qemu-io/layered/{name}", case_qemu_io, S, imgs, (), name, LAYERED_SCRIPT)
     R.defer("read-only", case_read_only, S, imgs)
     R.defer("nbdcopy/out-C4", case_nbdcopy_out, S, imgs, ())
     R.defer("nbdcopy/out-C4-req4M-R64", case_nbdcopy_out, S, imgs,
