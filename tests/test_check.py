@@ -619,9 +619,10 @@ def misc_cases(R, bases):
                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            for _ in range(100):   # wait until qemu-io holds its locks
-                if run_q(["img.qcow2"], d).rc == 1:
-                    break
+            deadline = time.monotonic() + 60  # until qemu-io holds its locks
+            while run_q(["img.qcow2"], d).rc != 1:
+                if holder.poll() is not None or time.monotonic() > deadline:
+                    T.fail("qemu-io did not lock the image (qemu-img check still opens it)")
                 time.sleep(0.05)
             for args in (["img.qcow2"], ["-U", "img.qcow2"], ["-r", "leaks", "img.qcow2"],
                          ["-U", "--output=json", "img.qcow2"]):

@@ -355,15 +355,14 @@ def case_signal(S, tmp, sig, idle_client):
             c.handshake()
             c.write(4 * MiB, b"\x45" * 65536, H.CF_FUA)
         try:
-            t0 = time.monotonic()
+            # The idle client never leaves by itself: a server that waited for it would not
+            # exit within stop()'s limit.
             srv.stop(sig)  # exit 0, no sanitizer report, qemu-img check clean, dirty flag clear
-            took = time.monotonic() - t0
             if c is not None:
                 c.drain_until_closed(5)
         finally:
             if c is not None:
                 c.close()
-        T.check(took < 10, f"{S.name} took {took:.1f}s to stop on {signal.Signals(sig).name}")
     cmds = ["read -P 0x44 2M 1M"] + (["read -P 0x45 4M 64k"] if idle_client else [])
     T.QemuTools().io(img, cmds)
 
@@ -382,21 +381,22 @@ def case_sigterm_idle_handshake(S, tmp):
             half.send(struct.pack(">Q", H.IHAVEOPT))
             clients.append(half)
             time.sleep(0.3)
-            t0 = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
+            # A server that let the handshake limit drop these clients first would exit
+            # HANDSHAKE_LIMIT s after they connected; one that stops at once has all but a
+            # second of that even on a loaded machine.
+            limit = HANDSHAKE_LIMIT - 1
             try:
-                srv.proc.wait(5)
+                srv.proc.wait(limit)
             except subprocess.TimeoutExpired:
-                T.fail(f"{S.name} did not exit within 5 s of SIGTERM with clients idle in the "
-                       f"handshake:\n{srv.stderr()}")
-            took = time.monotonic() - t0
+                T.fail(f"{S.name} did not exit within {limit} s of SIGTERM with clients idle "
+                       f"in the handshake:\n{srv.stderr()}")
             for c in clients:
                 c.drain_until_closed(5)
         finally:
             for c in clients:
                 c.close()
         srv.stop()  # exit status 0, clean image
-        T.check(took < 5, f"{took:.1f}s to exit")
 
 
 def case_handshake_time_limit(S, tmp):
