@@ -28,8 +28,12 @@ enum class IoOp : uint8_t {
   kRecv,     // recv into buf/len with msg_flags; result = bytes, 0 at end of stream
   kSendMsg,  // buf = const msghdr*; MSG_NOSIGNAL is added; result = bytes sent (may be short)
   kPollIn,   // completes when fd is readable (result = revents)
+  // A driver command (IORING_OP_URING_CMD) on fd: msg_flags = cmd_op, buf = 16 bytes copied
+  // into the SQE at submission (ublk's per-queue commands); io_uring only.
+  kUringCmd,
 };
-inline constexpr size_t kIoOpCount = 8;
+inline constexpr size_t kIoOpCount = 9;
+inline constexpr size_t kUringCmdBytes = 16;
 
 // One request in flight. The issuer owns it (usually in a coroutine frame) until completion.
 struct IoRequest {

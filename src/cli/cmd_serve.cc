@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/daemon.h"
 #include "export/nbd/protocol.h"
 #include "export/nbd/server.h"
 #include "fmt/format.h"
@@ -74,7 +75,8 @@ Result<int> OpenListener(const ServeArgs& a, bool* unlink_socket) {
     if (fd.ok()) *unlink_socket = true;
     return fd;
   }
-  if (a.port < 0 || a.port > 65535) return Status::Invalid(fmt::format("Invalid port '{}'", a.port));
+  if (a.port < 0 || a.port > 65535)
+    return Status::Invalid(fmt::format("Invalid port '{}'", a.port));
   return ListenTcp(a.bind, static_cast<uint16_t>(a.port));
 }
 
@@ -130,49 +132,14 @@ Result<std::unique_ptr<nbd::TlsCredentials>> LoadTlsCredentials(const ServeArgs&
                          "' is neither the id of an --object tls-creds-x509 nor a directory");
 }
 
-// --fork: the parent waits until the child serves (or failed) and exits with its status.
-// Forking happens before the io_uring ring exists: rings do not survive fork.
-int ForkAndWait(int* ready_fd) {
-  int p[2];
-  if (::pipe2(p, O_CLOEXEC) < 0) return Fail(Status::FromErrno(errno, "pipe"));
-  pid_t child = ::fork();
-  if (child < 0) return Fail(Status::FromErrno(errno, "fork"));
-  if (child == 0) {
-    ::close(p[0]);
-    ::setsid();
-    *ready_fd = p[1];
-    return -1;  // continue as the server
-  }
-  ::close(p[1]);
-  char status = 1;
-  ssize_t n;
-  do {
-    n = ::read(p[0], &status, 1);
-  } while (n < 0 && errno == EINTR);
-  std::_Exit(n == 1 ? status : 1);
-}
-
-// Tells the waiting parent of --fork that the server is up, and lets go of the terminal (or
-// whatever captured the parent's output) as a daemon does.
-void ReportReady(int* ready_fd, char status) {
-  if (*ready_fd < 0) return;
-  (void)!::write(*ready_fd, &status, 1);
-  ::close(*ready_fd);
-  *ready_fd = -1;
-  int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-  if (null >= 0) {
-    for (int fd = 0; fd <= 2; ++fd) ::dup2(null, fd);
-    if (null > 2) ::close(null);
-  }
-}
-
 int RunServe(const ServeArgs& a) {
   // ---- options ----
   nbd::Export exp;
   exp.name = a.name;
   exp.description = a.description;
   exp.read_only = a.read_only;
-  if (a.shared < 0) return UsageError(fmt::format("Invalid shared device number '{}'", a.shared), "serve");
+  if (a.shared < 0)
+    return UsageError(fmt::format("Invalid shared device number '{}'", a.shared), "serve");
   exp.multi_conn = a.shared != 1;
   if (a.discard == "ignore" || a.discard == "off") {
     exp.discard = nbd::DiscardMode::kIgnore;
@@ -276,8 +243,7 @@ int RunServe(const ServeArgs& a) {
 
 void AddServeCommand(Cli& cli) {
   auto a = std::make_shared<ServeArgs>();
-  CLI::App* cmd = AddCommand(cli, "serve",
-                             "Export an image over NBD (options as qemu-nbd)",
+  CLI::App* cmd = AddCommand(cli, "serve", "Export an image over NBD (options as qemu-nbd)",
                              [a] { return RunServe(*a); });
   cmd->add_option("image", a->image, "Image file")->required();
   cmd->add_option("-f,--format", a->format, "Image format: qcow2 or raw (default: probe)");

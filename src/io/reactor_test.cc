@@ -89,6 +89,26 @@ TEST_P(ReactorTest, EngineIsTheOneAskedFor) {
   EXPECT_STREQ(reactor_->engine().name(), GetParam() == EngineKind::kSync ? "sync" : "io_uring");
 }
 
+Task<int64_t> UringCmd(int fd, uint32_t cmd_op, const void* payload) {
+  IoAwaiter io{};
+  io.req.op = IoOp::kUringCmd;
+  io.req.fd = fd;
+  io.req.msg_flags = cmd_op;
+  io.req.buf = const_cast<void*>(payload);
+  const int64_t r = co_await io;
+  co_return r;
+}
+
+// A driver command on a file whose driver has none (a regular file) completes with
+// EOPNOTSUPP on both engines (the blocking one has no driver commands at all).
+TEST_P(ReactorTest, DriverCommandsOnAPlainFileAreRefused) {
+  TempFile tf(4096);
+  auto f = File::Open(tf.path(), false);
+  ASSERT_TRUE(f.ok());
+  const uint8_t payload[kUringCmdBytes] = {1, 2, 3};
+  EXPECT_EQ(reactor_->BlockOn(UringCmd((*f)->fd(), 0xc0107520u, payload)), -EOPNOTSUPP);
+}
+
 TEST_P(ReactorTest, ReadsAreCorrectAndShortAtEof) {
   TempFile tf(10000);
   auto f = File::Open(tf.path(), false);

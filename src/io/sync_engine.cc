@@ -115,6 +115,10 @@ class SyncEngine final : public Engine {
         if (r > 0) r = p.revents;
         break;
       }
+      case IoOp::kUringCmd:
+        errno = EOPNOTSUPP;
+        r = -1;
+        break;
     }
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && req->op >= IoOp::kAccept) {
       return false;

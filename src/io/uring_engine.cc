@@ -64,6 +64,11 @@ class UringEngine final : public Engine {
       case IoOp::kPollIn:
         io_uring_prep_poll_add(sqe, req->fd, POLLIN);
         break;
+      case IoOp::kUringCmd:
+        io_uring_prep_rw(IORING_OP_URING_CMD, sqe, req->fd, nullptr, 0, 0);
+        sqe->cmd_op = req->msg_flags;
+        std::memcpy(sqe->cmd, req->buf, kUringCmdBytes);  // the 16 bytes after addr3
+        break;
     }
     io_uring_sqe_set_data(sqe, req);
     ++in_flight_;
