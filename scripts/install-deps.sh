@@ -8,14 +8,23 @@ PKGS=(build-essential cmake ninja-build pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       qemu-utils python3 util-linux
       libnbd-bin nbdkit fio gnutls-bin fuse3 e2fsprogs
-      clang libclang-rt-14-dev)
+      clang libclang-rt-14-dev
+      qemu-system-x86 busybox-static cpio)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+# The guest kernel of the ublk tests (tests/qk_vm.py): Debian's 6.12, any revision.
+have_kernel=""
+compgen -G "/boot/vmlinuz-6.12.*-amd64" >/dev/null && have_kernel=1
+[ ${#missing[@]} -eq 0 ] && [ -n "$have_kernel" ] && exit 0
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
+if [ -z "$have_kernel" ]; then
+  kernel=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' |
+           cut -d' ' -f1 | sort -V | tail -1)
+  [ -n "$kernel" ] && missing+=("$kernel")
+fi
+echo "install-deps: installing ${missing[*]}"
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

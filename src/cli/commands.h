@@ -19,6 +19,7 @@ void AddWriteCommand(Cli& cli);
 void AddResizeCommand(Cli& cli);
 void AddServeCommand(Cli& cli);
 void AddCheckCommand(Cli& cli);
+void AddUblkCommand(Cli& cli);
 
 // qemu-img resize takes its size argument off the end of the command line before parsing
 // options, so "-1G" is a size: main() calls this (with the index of the "resize" word) before

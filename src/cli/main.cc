@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   AddResizeCommand(cli);
   AddServeCommand(cli);
   AddCheckCommand(cli);
+  AddUblkCommand(cli);
 
   // The first word that is not an option must name a command.
   std::vector<std::string> args(argv + 1, argv + argc);

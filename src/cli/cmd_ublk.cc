@@ -1,0 +1,265 @@
+// qcow2kit ublk add | del: an image as a Linux block device (/dev/ublkbN) through the
+// kernel's ublk driver. `add` creates the device, prints its path once it is live and serves
+// it (as a daemon unless --foreground) until SIGTERM / SIGINT or `ublk del`; then requests
+// finish, the image is flushed and closed clean, and the device is removed.
+//
+// Threads: the main thread runs the queue on its io_uring reactor; a control thread sends
+// START_DEV (which returns only once the queue has fetched every tag, so it cannot come from
+// the queue's thread) and then waits for the signal that stops the device.
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "cli/commands.h"
+#include "cli/daemon.h"
+#include "export/ublk/control.h"
+#include "export/ublk/queue.h"
+#include "export/ublk/ublk_abi.h"
+#include "fmt/format.h"
+#include "qcow2kit/block.h"
+#include "tools/open_layer.h"
+
+namespace qcow2kit::cli {
+namespace {
+
+struct UblkArgs {
+  std::string image;
+  std::string format;
+  int64_t id = -1;  // -n; -1: the kernel picks
+  int queues = 1;
+  int depth = 128;
+  bool read_only = false;
+  std::string cache = "none";
+  std::string discard = "ignore";
+  bool foreground = false;
+  std::string pid_file;
+};
+
+constexpr uint32_t kMaxIoBytes = 512 << 10;
+
+// The parameters the block layer gets: 512-byte sectors over 4 KiB physical blocks, a
+// volatile cache with FUA (so flushes and FUA writes reach us), discard and write-zeroes.
+ublk_params DeviceParams(const BlockDevice& dev, const ublksrv_ctrl_dev_info& info,
+                         bool read_only) {
+  ublk_params p{};
+  p.len = sizeof(p);
+  p.types = UBLK_PARAM_TYPE_BASIC;
+  p.basic.attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA | (read_only ? UBLK_ATTR_READ_ONLY : 0);
+  p.basic.logical_bs_shift = 9;
+  p.basic.physical_bs_shift = 12;
+  p.basic.io_min_shift = 12;
+  p.basic.io_opt_shift = 12;
+  p.basic.max_sectors = info.max_io_buf_bytes >> 9;
+  p.basic.dev_sectors = dev.size() >> 9;
+  if (!read_only) {
+    p.types |= UBLK_PARAM_TYPE_DISCARD;
+    p.discard.discard_granularity = 4096;
+    p.discard.max_discard_sectors = UINT32_MAX >> 9;
+    p.discard.max_write_zeroes_sectors = UINT32_MAX >> 9;
+    p.discard.max_discard_segments = 1;
+  }
+  return p;
+}
+
+// Opens /dev/ublkcN, which the kernel (or udev) creates just after ADD_DEV.
+Result<int> OpenCharDevice(uint32_t id) {
+  const std::string path = fmt::format("/dev/ublkc{}", id);
+  for (int tries = 0;; ++tries) {
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd >= 0) return fd;
+    if ((errno != ENOENT && errno != EBUSY) || tries == 100) {
+      return Status::FromErrno(errno, "open " + path);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+int RunAdd(const UblkArgs& a) {
+  if (a.queues != 1) return UsageError("only one queue (-q 1) is supported so far", "ublk add");
+  if (a.depth < 1 || a.depth > UBLK_MAX_QUEUE_DEPTH) {
+    return UsageError(
+        fmt::format("Invalid queue depth {} (1 to {})", a.depth, UBLK_MAX_QUEUE_DEPTH), "ublk add");
+  }
+  if (a.id < -1 || a.id >= INT32_MAX)
+    return UsageError(fmt::format("Invalid device id {}", a.id), "ublk add");
+  bool discard = false;
+  if (a.discard == "unmap" || a.discard == "on") {
+    discard = true;
+  } else if (a.discard != "ignore" && a.discard != "off") {
+    return UsageError("Invalid discard mode '" + a.discard + "' (ignore or unmap)", "ublk add");
+  }
+  ImageOptions io;
+  io.filename = a.image;
+  io.format = a.format;
+  io.cache = a.cache;
+  auto open = ReadOnlyOpenOptions(io);
+  if (!open.ok()) return Fail(open.status());
+  open->writable = !a.read_only;
+
+  int ready_fd = -1;
+  if (!a.foreground) {
+    int r = ForkAndWait(&ready_fd);
+    if (r >= 0) return r;
+  }
+  // A daemon that fails before it is ready exits (after Fail's message); the waiting
+  // parent then exits 1 too.
+  // Signals are taken by the control thread's sigwait: blocked in every thread.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
+  ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto reactor = MakeReactor(EngineKind::kUring);
+  if (!reactor.ok()) return Fail(reactor.status().WithContext("ublk needs io_uring"));
+  Reactor& r = **reactor;
+  auto img = r.BlockOn(tools::OpenImageChain(a.image, *open));
+  if (!img.ok()) return Fail(img.status());
+  auto dev = std::make_unique<BlockDevice>(std::move(*img));
+  auto close_image = [&] {
+    Status s = r.BlockOn(dev->Close());
+    dev.reset();
+    return s;
+  };
+
+  auto control = ublk::UblkControl::Open();
+  if (!control.ok()) {
+    (void)close_image();
+    return Fail(control.status());
+  }
+  ublk::UblkControl& ctl = **control;
+  auto features = ctl.GetFeatures();
+  if (!features.ok() || (*features & ublk::kFlagCmdIoctlEncode) == 0) {
+    (void)close_image();
+    return Fail(Status::Unsupported("the kernel's ublk driver is too old (needs Linux 6.5)"));
+  }
+  ublksrv_ctrl_dev_info want{};
+  want.nr_hw_queues = static_cast<uint16_t>(a.queues);
+  want.queue_depth = static_cast<uint16_t>(a.depth);
+  want.max_io_buf_bytes = kMaxIoBytes;
+  want.dev_id = a.id < 0 ? UINT32_MAX : static_cast<uint32_t>(a.id);
+  want.flags = ublk::kFlagCmdIoctlEncode;
+  auto info = ctl.AddDevice(want);
+  if (!info.ok()) {
+    (void)close_image();
+    return Fail(info.status());
+  }
+  const uint32_t id = info->dev_id;
+  auto remove = [&](Status why) {
+    (void)ctl.DeleteDevice(id);
+    (void)close_image();
+    return Fail(why);
+  };
+  Status s = ctl.SetParams(id, DeviceParams(*dev, *info, a.read_only));
+  if (!s.ok()) return remove(s);
+  auto char_fd = OpenCharDevice(id);
+  if (!char_fd.ok()) return remove(char_fd.status());
+  auto queue = ublk::UblkQueue::Create(*char_fd, dev.get(),
+                                       {.queue_id = 0,
+                                        .depth = info->queue_depth,
+                                        .max_io_bytes = info->max_io_buf_bytes,
+                                        .discard = discard});
+  if (!queue.ok()) {
+    ::close(*char_fd);
+    return remove(queue.status());
+  }
+  (*queue)->Start();
+
+  // The control thread: start (while this thread serves the fetches), report, wait for a
+  // signal, stop. The stop makes the kernel flush through the queue and abort the fetches.
+  std::atomic<bool> control_done = false;
+  std::thread control_thread([&] {
+    Status started = ctl.StartDevice(id, ::getpid());
+    if (!started.ok()) {
+      // The fetches stay in flight and only end with this process: leave at once, the
+      // device deleted once its character device closes.
+      Fail(started);
+      (void)ctl.DeleteDeviceLater(id);
+      std::_Exit(1);
+    }
+    std::printf("/dev/ublkb%u\n", id);
+    std::fflush(stdout);
+    if (!a.pid_file.empty()) {
+      if (std::FILE* f = std::fopen(a.pid_file.c_str(), "w")) {
+        std::fprintf(f, "%d\n", static_cast<int>(::getpid()));
+        std::fclose(f);
+      }
+    }
+    ReportReady(&ready_fd, 0);
+    int sig = 0;
+    ::sigwait(&signals, &sig);
+    (void)ctl.StopDevice(id);
+    control_done = true;
+  });
+  while ((*queue)->running() > 0) r.RunOnce(true);
+  // Stopped from elsewhere (ublk del): wake the control thread from its sigwait.
+  if (!control_done) {
+    ::pthread_kill(control_thread.native_handle(), SIGTERM);
+  }
+  control_thread.join();
+  Status closed = close_image();
+  queue->reset();
+  ::close(*char_fd);
+  // The pid file goes first: once the device is gone (what `ublk del` waits for), so is it.
+  if (!a.pid_file.empty()) ::unlink(a.pid_file.c_str());
+  Status deleted = ctl.DeleteDevice(id);
+  if (!closed.ok()) return Fail(closed.WithContext("Could not close '" + a.image + "'"));
+  if (!deleted.ok()) return Fail(deleted);
+  return 0;
+}
+
+int RunDel(int64_t id) {
+  if (id < 0 || id >= INT32_MAX) return UsageError("ublk del needs -n ID", "ublk del");
+  auto control = ublk::UblkControl::Open();
+  if (!control.ok()) return Fail(control.status());
+  const uint32_t dev = static_cast<uint32_t>(id);
+  auto info = (*control)->GetInfo(dev);
+  if (!info.ok()) return Fail(info.status().WithContext(fmt::format("ublk device {}", id)));
+  Status s = (*control)->StopDevice(dev);
+  if (!s.ok()) return Fail(s);
+  // The daemon finishes, closes the image and deletes the device; if it is gone, do it here.
+  for (int i = 0; i < 600; ++i) {
+    auto still = (*control)->GetInfo(dev);
+    if (!still.ok()) return 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  s = (*control)->DeleteDevice(dev);
+  return s.ok() ? 0 : Fail(s);
+}
+
+}  // namespace
+
+void AddUblkCommand(Cli& cli) {
+  auto a = std::make_shared<UblkArgs>();
+  auto del_id = std::make_shared<int64_t>(-1);
+  CLI::App* cmd = cli.app.add_subcommand("ublk", "Serve an image as a Linux block device (ublk)");
+  cmd->require_subcommand(1);
+  CLI::App* add = cmd->add_subcommand("add", "Create /dev/ublkbN for an image and serve it");
+  add->add_option("image", a->image, "Image file")->required();
+  add->add_option("-f,--format", a->format, "Image format: qcow2 or raw (default: probe)");
+  add->add_option("-n,--number", a->id, "Device number N of /dev/ublkbN (default: the next free)");
+  add->add_option("-q,--queues", a->queues, "Hardware queues (default 1)");
+  add->add_option("-d,--depth", a->depth, "Requests in flight per queue (default 128)");
+  add->add_flag("-r,--read-only", a->read_only, "A read-only device");
+  add->add_option("--cache", a->cache, "none (O_DIRECT, the default) or writeback");
+  add->add_option("--discard", a->discard, "ignore (default) or unmap discards");
+  add->add_flag("--foreground", a->foreground, "Serve in the foreground (default: daemon)");
+  add->add_option("--pid-file", a->pid_file, "Write the daemon's pid to this file");
+  add->callback([&cli, a] { cli.run = [a] { return RunAdd(*a); }; });
+  CLI::App* del = cmd->add_subcommand("del", "Stop and remove a device (its daemon exits)");
+  del->add_option("-n,--number", *del_id, "Device number")->required();
+  del->callback([&cli, del_id] { cli.run = [del_id] { return RunDel(*del_id); }; });
+}
+
+}  // namespace qcow2kit::cli

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""`qcow2kit ublk` in a real kernel: Debian's 6.12 under qemu-system-x86_64 (tests/qk_vm.py),
+with ublk_drv loaded.
+
+  boot        the guest runs the binary and has /dev/ublk-control
+  fio         on /dev/ublkbN over an empty qcow2 image: random writes with crc32c verify,
+              4 KiB at QD 32 and 64 KiB at QD 1, then a read-back verify pass
+  pattern     a 1 MiB pattern written with dd at 16 MiB (direct, then fsync); on the host
+              qemu-img reads the pattern there
+  ext4        mkfs.ext4, a file written, unmounted, e2fsck clean
+  discard     blkdiscard of 4 MiB (--discard=unmap): the range reads zeros in the guest and
+              through qemu-img, and qemu-img map shows it unallocated
+  stop        SIGTERM to the daemon: exit 0, /dev/ublkbN gone, the image closed clean
+  read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, writes are
+              refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
+              (its pid file gone)
+Back on the host every image passes qemu-img check.
+
+Run: python3 tests/test_ublk.py --qcow2kit build/qcow2kit
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qk_testlib as T  # noqa: E402
+import qk_vm as VM  # noqa: E402
+from qk_testlib import MiB  # noqa: E402
+
+BOOT_TIMEOUT = 900  # TCG, and an AddressSanitizer build in the guest
+
+# Starts `qcow2kit ublk add` on $1 in the foreground with options $2; sets DEV and QK.
+GUEST_LIB = r"""
+start_ublk() {
+  rm -f /tmp/dev.txt
+  qcow2kit ublk add --foreground $2 "$1" > /tmp/dev.txt 2> /tmp/ublk.err &
+  QK=$!
+  i=0
+  while [ ! -s /tmp/dev.txt ] && [ $i -lt 1200 ] && kill -0 $QK 2>/dev/null; do
+    sleep 0.1; i=$((i + 1))
+  done
+  DEV=$(cat /tmp/dev.txt)
+  if [ -b "$DEV" ]; then pass "$3-add"; else fail "$3-add" "no device: $(cat /tmp/ublk.err)"; fi
+}
+stop_ublk() {
+  kill -TERM $QK
+  wait $QK
+  rc=$?
+  if grep -q -e Sanitizer -e "runtime error" /tmp/ublk.err; then
+    fail "$1-sanitizer" "$(head -20 /tmp/ublk.err)"
+  fi
+  if [ $rc -eq 0 ] && [ ! -e "$DEV" ]; then pass "$1-stop"
+  else fail "$1-stop" "exit $rc, $DEV $( [ -e "$DEV" ] && echo 'still there'): $(cat /tmp/ublk.err)"; fi
+}
+run_fio() {
+  name=$1; shift
+  if fio --name="$name" --filename="$DEV" --ioengine=io_uring --direct=1 \
+      --verify=crc32c --verify_fatal=1 --eta=never --output=/tmp/fio.out "$@"; then pass "$name"
+  else fail "$name" "$(grep -i -m 3 -e verify -e error /tmp/fio.out || tail -3 /tmp/fio.out)"; fi
+}
+"""
+
+GUEST_MAIN = r"""
+[ -c /dev/ublk-control ] && pass boot-ublk-control || fail boot-ublk-control "missing"
+qcow2kit --version > /dev/null && pass boot-binary || fail boot-binary "does not run"
+
+qkvm_in vda /tmp/img.qcow2 {img_size}
+qkvm_in vdb /tmp/pattern.raw {pattern_size}
+start_ublk /tmp/img.qcow2 --discard=unmap main
+run_fio fio-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --size=32m --offset=32m
+run_fio fio-64k-qd1 --rw=randwrite --bs=64k --iodepth=1 --size=16m --offset=48m
+run_fio fio-16k-qd8 --rw=randwrite --bs=16k --iodepth=8 --size=8m --offset=40m
+dd if=/tmp/pattern.raw of="$DEV" bs=64k seek=256 oflag=direct conv=fsync 2>/tmp/dd.err \
+    && pass pattern-write || fail pattern-write "$(cat /tmp/dd.err)"
+for k in 0 1 2 3; do  # data at 8 MiB..12 MiB first, so that the discard has work to do
+  dd if=/tmp/pattern.raw of="$DEV" bs=64k seek=$((128 + k * 16)) oflag=direct 2>/dev/null
+done
+if blkdiscard -o $((8 << 20)) -l $((4 << 20)) "$DEV" 2>/tmp/bd.err; then
+  if [ "$(dd if="$DEV" bs=1M skip=8 count=4 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]
+  then pass discard; else fail discard "the discarded range does not read zeros"; fi
+else fail discard "blkdiscard: $(cat /tmp/bd.err)"; fi
+stop_ublk main
+qkvm_out /tmp/img.qcow2 vda
+
+qkvm_in vdc /tmp/fs.qcow2 {fs_size}
+start_ublk /tmp/fs.qcow2 "" ext4
+mkdir -p /mnt
+if mkfs.ext4 -q -F "$DEV" && mount -t ext4 "$DEV" /mnt; then
+  dd if=/tmp/pattern.raw of=/mnt/file bs=64k 2>/dev/null
+  sync
+  umount /mnt
+  mount -t ext4 "$DEV" /mnt && cmp /tmp/pattern.raw /mnt/file && pass ext4-file \
+      || fail ext4-file "the file reads back differently"
+  umount /mnt
+  e2fsck -f -n "$DEV" > /tmp/fsck.out 2>&1 && pass ext4-fsck \
+      || fail ext4-fsck "$(tail -5 /tmp/fsck.out)"
+else fail ext4-mkfs "mkfs or mount failed"; fi
+stop_ublk ext4
+
+# A read-only device from a daemon: add returns once it is live, del removes it.
+DEV=$(qcow2kit ublk add -n 3 -r --pid-file /tmp/ro.pid /tmp/fs.qcow2 2>/tmp/ro.err)
+rc=$?
+if [ $rc -eq 0 ] && [ "$DEV" = /dev/ublkb3 ] && [ -b /dev/ublkb3 ] && [ -s /tmp/ro.pid ]; then
+  pass ro-add
+else fail ro-add "exit $rc, printed '$DEV': $(cat /tmp/ro.err)"; fi
+dd if=/dev/zero of=/dev/ublkb3 bs=4k count=1 oflag=direct 2>/dev/null \
+    && fail ro-refuses-writes "a write succeeded" || pass ro-refuses-writes
+mount -t ext4 -o ro /dev/ublkb3 /mnt && cmp /tmp/pattern.raw /mnt/file && pass ro-reads \
+    || fail ro-reads "the file system does not read back"
+umount /mnt
+if qcow2kit ublk del -n 3 2>/tmp/del.err && [ ! -e /dev/ublkb3 ] && [ ! -e /tmp/ro.pid ]; then
+  pass ro-del
+else fail ro-del "$(cat /tmp/del.err)"; fi
+qkvm_out /tmp/fs.qcow2 vdc
+"""
+
+
+def main():
+    args = T.parse_args(__doc__)
+    R = T.Runner(args, "test_ublk")
+    q = T.QemuTools()
+    qk = args.qcow2kit
+
+    with R.case("guest"):
+        why = VM.unavailable()
+        if why:
+            T.skip(why)
+        tmp = R.tmp
+        img = q.create(os.path.join(tmp, "img.qcow2"), 64 * MiB)
+        fs = q.create(os.path.join(tmp, "fs.qcow2"), 128 * MiB)
+        pattern = os.path.join(tmp, "pattern.raw")
+        with open(pattern, "wb") as f:
+            f.write(os.urandom(MiB))
+        script = GUEST_LIB + GUEST_MAIN.format(img_size=os.path.getsize(img),
+                                               pattern_size=MiB,
+                                               fs_size=os.path.getsize(fs))
+        with VM.Guest(programs=[qk, "fio", "mkfs.ext4", "e2fsck", "blkdiscard"],
+                      modules=["ublk_drv", "virtio_blk", "crc32c_generic", "ext4"]) as vm:
+            res = vm.run(script, disks=[img, pattern, fs], timeout=BOOT_TIMEOUT)
+        if args.verbose:
+            print(res.console)
+        res.check()
+        for name in ("boot-ublk-control", "boot-binary", "main-add", "fio-4k-qd32",
+                     "fio-64k-qd1", "fio-16k-qd8", "pattern-write", "discard", "main-stop",
+                     "ext4-add", "ext4-file", "ext4-fsck", "ext4-stop", "ro-add",
+                     "ro-refuses-writes", "ro-reads", "ro-del"):
+            res.passed(name)
+        for image in (img, fs):
+            T.expect_ok(T.run(["qemu-img", "check", image], timeout=120),
+                        f"qemu-img check of {os.path.basename(image)} after the guest")
+        # qemu-img reads what the guest wrote and discarded.
+        got = T.run(["qemu-img", "convert", "-O", "raw", img, img + ".raw"], timeout=120)
+        T.expect_ok(got, "qemu-img convert of the image")
+        with open(img + ".raw", "rb") as f:
+            f.seek(16 * MiB)
+            written = f.read(MiB)
+            f.seek(8 * MiB)
+            discarded = f.read(4 * MiB)
+        with open(pattern, "rb") as f:
+            T.check(written == f.read(), "qemu-img does not read the pattern the guest wrote")
+        T.check(discarded == bytes(4 * MiB), "qemu-img does not read zeros where the guest "
+                                             "discarded")
+        mapped = q.map(img)
+        T.check(not any(e["data"] and e["start"] < 12 * MiB and e["start"] + e["length"] > 8 * MiB
+                        for e in mapped), f"the discarded range is still allocated: {mapped}")
+    R.finish()
+
+
+if __name__ == "__main__":
+    main()
