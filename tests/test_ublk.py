@@ -11,8 +11,8 @@ with ublk_drv loaded.
   discard     blkdiscard of 4 MiB (--discard=unmap): the range reads zeros in the guest and
               through qemu-img, and qemu-img map shows it unallocated
   stop        SIGTERM to the daemon: exit 0, /dev/ublkbN gone, the image closed clean
-  read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, writes are
-              refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
+  read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, `ublk list`
+              shows it live with its image, writes are refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
               (its pid file gone)
 Back on the host every image passes qemu-img check.
 
@@ -103,6 +103,10 @@ rc=$?
 if [ $rc -eq 0 ] && [ "$DEV" = /dev/ublkb3 ] && [ -b /dev/ublkb3 ] && [ -s /tmp/ro.pid ]; then
   pass ro-add
 else fail ro-add "exit $rc, printed '$DEV': $(cat /tmp/ro.err)"; fi
+qcow2kit ublk list --output=json > /tmp/list.json 2>&1
+if grep -q '"device": "/dev/ublkb3"' /tmp/list.json && grep -q '"state": "live"' /tmp/list.json \
+    && grep -q '"image": "/tmp/fs.qcow2"' /tmp/list.json; then pass list
+else fail list "$(cat /tmp/list.json)"; fi
 dd if=/dev/zero of=/dev/ublkb3 bs=4k count=1 oflag=direct 2>/dev/null \
     && fail ro-refuses-writes "a write succeeded" || pass ro-refuses-writes
 mount -t ext4 -o ro /dev/ublkb3 /mnt && cmp /tmp/pattern.raw /mnt/file && pass ro-reads \
@@ -143,7 +147,7 @@ def main():
         for name in ("boot-ublk-control", "boot-binary", "main-add", "fio-4k-qd32",
                      "fio-64k-qd1", "fio-16k-qd8", "pattern-write", "discard", "main-stop",
                      "ext4-add", "ext4-file", "ext4-fsck", "ext4-stop", "ro-add",
-                     "ro-refuses-writes", "ro-reads", "ro-del"):
+                     "list", "ro-refuses-writes", "ro-reads", "ro-del"):
             res.passed(name)
         for image in (img, fs):
             T.expect_ok(T.run(["qemu-img", "check", image], timeout=120),

@@ -1,4 +1,4 @@
-// qcow2kit ublk add | del: an image as a Linux block device (/dev/ublkbN) through the
+// qcow2kit ublk add | list | del: an image as a Linux block device (/dev/ublkbN) through the
 // kernel's ublk driver. `add` creates the device, prints its path once it is live and serves
 // it (as a daemon unless --foreground) until SIGTERM / SIGINT or `ublk del`; then requests
 // finish, the image is flushed and closed clean, and the device is removed.
@@ -6,11 +6,15 @@
 // Threads: the main thread runs the queue on its io_uring reactor; a control thread sends
 // START_DEV (which returns only once the queue has fetched every tag, so it cannot come from
 // the queue's thread) and then waits for the signal that stops the device.
+#include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -19,6 +23,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/daemon.h"
@@ -28,6 +33,7 @@
 #include "fmt/format.h"
 #include "qcow2kit/block.h"
 #include "tools/open_layer.h"
+#include "tools/qemu_json.h"
 
 namespace qcow2kit::cli {
 namespace {
@@ -82,6 +88,39 @@ Result<int> OpenCharDevice(uint32_t id) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+}
+
+// What `ublk list` shows of a device beyond the kernel's view: the image a daemon serves,
+// in /run/qcow2kit/ublk-N.json, written once the device is live and removed at the end.
+constexpr const char* kStateDir = "/run/qcow2kit";
+
+std::string StatePath(uint32_t id) {
+  return fmt::format("{}/ublk-{}.json", kStateDir, id);
+}
+
+void WriteState(uint32_t id, const UblkArgs& a) {
+  ::mkdir(kStateDir, 0755);
+  char real[PATH_MAX];
+  tools::Json j = {{"image", ::realpath(a.image.c_str(), real) ? real : a.image},
+                   {"read-only", a.read_only}};
+  if (std::FILE* f = std::fopen(StatePath(id).c_str(), "w")) {
+    std::fputs(j.dump().c_str(), f);
+    std::fclose(f);
+  }
+}
+
+std::string ImageOf(uint32_t id) {
+  std::FILE* f = std::fopen(StatePath(id).c_str(), "r");
+  if (!f) return "";
+  std::string text;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  std::fclose(f);
+  auto j = tools::Json::parse(text, nullptr, false);
+  return j.is_object() && j.contains("image") && j["image"].is_string()
+             ? j["image"].get<std::string>()
+             : "";
 }
 
 int RunAdd(const UblkArgs& a) {
@@ -196,6 +235,7 @@ int RunAdd(const UblkArgs& a) {
         std::fclose(f);
       }
     }
+    WriteState(id, a);
     ReportReady(&ready_fd, 0);
     int sig = 0;
     ::sigwait(&signals, &sig);
@@ -213,6 +253,7 @@ int RunAdd(const UblkArgs& a) {
   ::close(*char_fd);
   // The pid file goes first: once the device is gone (what `ublk del` waits for), so is it.
   if (!a.pid_file.empty()) ::unlink(a.pid_file.c_str());
+  ::unlink(StatePath(id).c_str());
   Status deleted = ctl.DeleteDevice(id);
   if (!closed.ok()) return Fail(closed.WithContext("Could not close '" + a.image + "'"));
   if (!deleted.ok()) return Fail(deleted);
@@ -238,6 +279,53 @@ int RunDel(int64_t id) {
   return s.ok() ? 0 : Fail(s);
 }
 
+const char* StateName(uint16_t state) {
+  switch (state) {
+    case UBLK_S_DEV_DEAD:
+      return "dead";
+    case UBLK_S_DEV_LIVE:
+      return "live";
+    case UBLK_S_DEV_QUIESCED:
+      return "quiesced";
+  }
+  return "unknown";
+}
+
+// The devices the kernel has (one /dev/ublkcN each), with what their daemons serve.
+int RunList(const std::string& output) {
+  auto control = ublk::UblkControl::Open();
+  if (!control.ok()) return Fail(control.status());
+  std::vector<uint32_t> ids;
+  if (DIR* d = ::opendir("/dev")) {
+    while (dirent* e = ::readdir(d)) {
+      unsigned id;
+      char tail;
+      if (std::sscanf(e->d_name, "ublkc%u%c", &id, &tail) == 1) ids.push_back(id);
+    }
+    ::closedir(d);
+  }
+  std::sort(ids.begin(), ids.end());
+  tools::Json list = tools::Json::array();
+  std::string human = "ID  STATE     QUEUES  DEPTH  PID      IMAGE\n";
+  for (uint32_t id : ids) {
+    auto info = (*control)->GetInfo(id);
+    if (!info.ok()) continue;  // deleted meanwhile
+    const std::string image = ImageOf(id);
+    list.push_back({{"id", id},
+                    {"device", fmt::format("/dev/ublkb{}", id)},
+                    {"state", StateName(info->state)},
+                    {"queues", info->nr_hw_queues},
+                    {"depth", info->queue_depth},
+                    {"pid", info->ublksrv_pid},
+                    {"image", image}});
+    human += fmt::format("{:<3} {:<9} {:<7} {:<6} {:<8} {}\n", id, StateName(info->state),
+                         info->nr_hw_queues, info->queue_depth, info->ublksrv_pid, image);
+  }
+  std::string out = output == "json" ? list.dump(4) + "\n" : human;
+  if (!WriteAll(stdout, out)) return Fail(Status::FromErrno(errno, "Could not write output"));
+  return 0;
+}
+
 }  // namespace
 
 void AddUblkCommand(Cli& cli) {
@@ -257,6 +345,11 @@ void AddUblkCommand(Cli& cli) {
   add->add_flag("--foreground", a->foreground, "Serve in the foreground (default: daemon)");
   add->add_option("--pid-file", a->pid_file, "Write the daemon's pid to this file");
   add->callback([&cli, a] { cli.run = [a] { return RunAdd(*a); }; });
+  auto list_output = std::make_shared<std::string>("human");
+  CLI::App* list = cmd->add_subcommand("list", "Show the ublk devices and what they serve");
+  AddOutputOption(list, list_output.get());
+  list->callback(
+      [&cli, list_output] { cli.run = [list_output] { return RunList(*list_output); }; });
   CLI::App* del = cmd->add_subcommand("del", "Stop and remove a device (its daemon exits)");
   del->add_option("-n,--number", *del_id, "Device number")->required();
   del->callback([&cli, del_id] { cli.run = [del_id] { return RunDel(*del_id); }; });
