@@ -38,13 +38,15 @@ import qk_testlib as T
 BUSYBOX = "/bin/busybox"
 
 INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# Busybox applets in a directory of their own, last in PATH. Its shell still runs an applet
+# before a program of the same name (losetup, blkdiscard): scripts name those by full path.
+/bin/busybox mkdir -p /bb && /bin/busybox --install -s /bb && /bin/busybox ln -sf busybox /bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/bb
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=75% tmp /tmp
-mkdir -p /dev/shm /run && mount -t tmpfs shm /dev/shm
+mkdir -p /dev/shm /run /var/lock && mount -t tmpfs shm /dev/shm
 ulimit -n 4096
 for m in $(cat /modules.order); do
   insmod "/lib/modules/$m" || echo "QKVM FAIL insmod: $m"
@@ -190,7 +192,7 @@ class Guest:
         for lib in shared_libraries(BUSYBOX):
             copy(lib)
         for prog in self.programs:
-            copy(prog, "/bin/" + os.path.basename(prog))
+            copy(prog, "/usr/bin/" + os.path.basename(prog))
             for lib in shared_libraries(prog):
                 copy(lib)
         order = []
