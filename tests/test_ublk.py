@@ -11,6 +11,9 @@ with ublk_drv loaded.
   discard     blkdiscard of 4 MiB (--discard=unmap): the range reads zeros in the guest and
               through qemu-img, and qemu-img map shows it unallocated
   stop        SIGTERM to the daemon: exit 0, /dev/ublkbN gone, the image closed clean
+  matrix      fio verify (4 KiB QD 32, 64 KiB QD 1) over a backing file, extended L2 over a
+              backing file, compressed clusters and a preallocated image, each checked by
+              qemu-img afterwards
   read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, `ublk list`
               shows it live with its image, writes are refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
               (its pid file gone)
@@ -116,6 +119,21 @@ if qcow2kit ublk del -n 3 2>/tmp/del.err && [ ! -e /dev/ublkb3 ] && [ ! -e /tmp/
   pass ro-del
 else fail ro-del "$(cat /tmp/del.err)"; fi
 qkvm_out /tmp/fs.qcow2 vdc
+
+# The other kinds of image: fio verify over data below (a backing file, compressed clusters,
+# subclusters over a backing file) and over a preallocated image.
+qkvm_in vdd /tmp/base.qcow2 {base_size}
+n=4
+for kind in backing extl2 compressed prealloc; do
+  n=$((n + 1))
+  disk=vd$(echo abcdefgh | cut -c$n)
+  qkvm_in $disk /tmp/$kind.qcow2 $(eval echo \$size_$kind)
+  start_ublk /tmp/$kind.qcow2 "" $kind
+  run_fio $kind-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --size=8m --offset=1m
+  run_fio $kind-64k-qd1 --rw=randwrite --bs=64k --iodepth=1 --size=4m --offset=20m
+  stop_ublk $kind
+  qkvm_out /tmp/$kind.qcow2 $disk
+done
 """
 
 
@@ -135,12 +153,34 @@ def main():
         pattern = os.path.join(tmp, "pattern.raw")
         with open(pattern, "wb") as f:
             f.write(os.urandom(MiB))
-        script = GUEST_LIB + GUEST_MAIN.format(img_size=os.path.getsize(img),
-                                               pattern_size=MiB,
-                                               fs_size=os.path.getsize(fs))
+        # The matrix: every kind of image holds data where fio writes (partial clusters copy
+        # from below). Overlays name their backing file relatively: both live in /tmp there.
+        base = q.create(os.path.join(tmp, "base.qcow2"), 32 * MiB)
+        q.io(base, ["write -P 0x5a 0 32M"])
+        kinds = {
+            "backing": q.create(os.path.join(tmp, "backing.qcow2"), cwd=tmp,
+                                backing="base.qcow2", backing_fmt="qcow2"),
+            "extl2": q.create(os.path.join(tmp, "extl2.qcow2"), cwd=tmp, backing="base.qcow2",
+                              backing_fmt="qcow2", extended_l2="on"),
+            "prealloc": q.create(os.path.join(tmp, "prealloc.qcow2"), 32 * MiB,
+                                 preallocation="metadata"),
+        }
+        raw = os.path.join(tmp, "compressed.raw")
+        with open(raw, "wb") as f:
+            f.write(os.urandom(16 * MiB) + bytes(16 * MiB))
+        kinds["compressed"] = os.path.join(tmp, "compressed.qcow2")
+        q.img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, kinds["compressed"])
+        kinds = {k: os.path.join(tmp, os.path.basename(v)) for k, v in kinds.items()}
+        sizes = "".join(f"size_{k}={os.path.getsize(v)}\n" for k, v in kinds.items())
+        script = GUEST_LIB + sizes + GUEST_MAIN.format(img_size=os.path.getsize(img),
+                                                       pattern_size=MiB,
+                                                       fs_size=os.path.getsize(fs),
+                                                       base_size=os.path.getsize(base))
         with VM.Guest(programs=[qk, "fio", "mkfs.ext4", "e2fsck", "blkdiscard"],
                       modules=["ublk_drv", "virtio_blk", "crc32c_generic", "ext4"]) as vm:
-            res = vm.run(script, disks=[img, pattern, fs], timeout=BOOT_TIMEOUT)
+            res = vm.run(script, disks=[img, pattern, fs, base, kinds["backing"],
+                                        kinds["extl2"], kinds["compressed"], kinds["prealloc"]],
+                         timeout=BOOT_TIMEOUT)
         if args.verbose:
             print(res.console)
         res.check()
@@ -149,9 +189,16 @@ def main():
                      "ext4-add", "ext4-file", "ext4-fsck", "ext4-stop", "ro-add",
                      "list", "ro-refuses-writes", "ro-reads", "ro-del"):
             res.passed(name)
-        for image in (img, fs):
+        for kind in kinds:
+            for step in ("add", "4k-qd32", "64k-qd1", "stop"):
+                res.passed(f"{kind}-{step}")
+        for image in (img, fs, *kinds.values()):
             T.expect_ok(T.run(["qemu-img", "check", image], timeout=120),
                         f"qemu-img check of {os.path.basename(image)} after the guest")
+        # Outside fio's ranges the overlays still read their backing file's data.
+        for kind in ("backing", "extl2"):
+            q.io(kinds[kind], ["read -P 0x5a 0 1M", "read -P 0x5a 9M 11M",
+                               "read -P 0x5a 24M 8M"], cwd=tmp)
         # qemu-img reads what the guest wrote and discarded.
         got = T.run(["qemu-img", "convert", "-O", "raw", img, img + ".raw"], timeout=120)
         T.expect_ok(got, "qemu-img convert of the image")
