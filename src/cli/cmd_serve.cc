@@ -186,12 +186,7 @@ int RunServe(const ServeArgs& a) {
     int r = ForkAndWait(&ready_fd);
     if (r >= 0) return r;
   }
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGHUP);
-  ::sigprocmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = BlockStopSignals();
   ::signal(SIGPIPE, SIG_IGN);
   int sig_fd = ::signalfd(-1, &signals, SFD_CLOEXEC);
   if (sig_fd < 0) return Fail(Status::FromErrno(errno, "signalfd"));

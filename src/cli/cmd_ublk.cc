@@ -151,14 +151,8 @@ int RunAdd(const UblkArgs& a) {
     if (r >= 0) return r;
   }
   // A daemon that fails before it is ready exits (after Fail's message); the waiting
-  // parent then exits 1 too.
-  // Signals are taken by the control thread's sigwait: blocked in every thread.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGHUP);
-  ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // parent then exits 1 too. Signals are taken by the control thread's sigwait.
+  const sigset_t signals = BlockStopSignals();
 
   auto reactor = MakeReactor(EngineKind::kUring);
   if (!reactor.ok()) return Fail(reactor.status().WithContext("ublk needs io_uring"));
