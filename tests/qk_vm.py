@@ -213,14 +213,18 @@ class Guest:
         os.chmod(os.path.join(root, "init"), 0o755)
         with open(os.path.join(root, "etc/passwd"), "w") as f:
             f.write("root:x:0:0:root:/tmp:/bin/sh\n")
-        self._root = root
         self._initramfs = os.path.join(self._dir, "base.cpio")
         self._pack(root, self._initramfs)
         return self._initramfs
 
     @staticmethod
-    def _pack(root, out):
-        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+    def _pack(root, out, names=None):
+        """A newc archive of `names` under `root` (all of it by default)."""
+        if names is None:
+            files = subprocess.run(["find", "."], cwd=root, capture_output=True,
+                                   check=True).stdout
+        else:
+            files = ("\n".join(names) + "\n").encode()
         with open(out, "wb") as f:
             subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files,
                            stdout=f, check=True)
@@ -242,7 +246,7 @@ class Guest:
             f.write(env + script)
         initrd = os.path.join(extra_root, "initrd.cpio")
         tail = os.path.join(extra_root, "tail.cpio")
-        self._pack_files(extra_root, ["test.sh"], tail)
+        self._pack(extra_root, tail, ["test.sh"])
         with open(initrd, "wb") as out:
             for part in (base, tail):
                 with open(part, "rb") as f:
@@ -268,9 +272,3 @@ class Guest:
             os.truncate(path, result.sizes.get(name, sizes[i]))
         shutil.rmtree(extra_root, ignore_errors=True)
         return result
-
-    @staticmethod
-    def _pack_files(root, names, out):
-        with open(out, "wb") as f:
-            subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
-                           input=("\n".join(names) + "\n").encode(), stdout=f, check=True)

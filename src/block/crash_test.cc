@@ -46,6 +46,8 @@
 namespace qcow2kit {
 namespace {
 
+using testing::AlignDown;
+using testing::AlignUp;
 using testing::ApplyOp;
 using testing::CheckGuestBytes;
 using testing::Describe;
@@ -60,13 +62,6 @@ using testing::ScratchDir;
 uint64_t EnvOr(const char* name, uint64_t fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::strtoull(v, nullptr, 0) : fallback;
-}
-
-uint64_t AlignUp(uint64_t v, uint64_t a) {
-  return (v + a - 1) / a * a;
-}
-uint64_t AlignDown(uint64_t v, uint64_t a) {
-  return v / a * a;
 }
 
 // ---- Workloads -------------------------------------------------------------------------

@@ -14,10 +14,6 @@ uint64_t Mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-static uint64_t AlignDown(uint64_t v, uint64_t a) {
-  return v / a * a;
-}
-
 const char* KindName(GuestOp::Kind k) {
   switch (k) {
     case GuestOp::Kind::kWrite:

@@ -12,6 +12,12 @@
 namespace qcow2kit::testing {
 
 uint64_t Mix(uint64_t x);  // splitmix64
+inline uint64_t AlignUp(uint64_t v, uint64_t a) {
+  return (v + a - 1) / a * a;
+}
+inline uint64_t AlignDown(uint64_t v, uint64_t a) {
+  return v / a * a;
+}
 
 // One call on the block device, as generated; the fields after `index` are filled in when it
 // runs.
