@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 
@@ -78,7 +79,11 @@ class File {
 
  private:
   File(std::string path, int fd, bool writable, bool direct);
-  Task<Result<size_t>> Transfer(bool write, std::byte* buf, size_t len, uint64_t offset);
+  // Moves len bytes through `fd` (this file's descriptor when -1).
+  Task<Result<size_t>> Transfer(bool write, std::byte* buf, size_t len, uint64_t offset,
+                                int fd = -1);
+  // A second descriptor of the file without O_DIRECT (opened on first use, any thread).
+  Result<int> BufferedFd();
   Task<Result<size_t>> BounceRead(std::span<std::byte> buf, uint64_t offset);
   Task<Status> BounceWrite(std::span<const std::byte> buf, uint64_t offset);
 
@@ -90,6 +95,9 @@ class File {
   // Read-modify-writes of partial blocks (direct I/O) go one at a time: two of them in one
   // block would each write back the other's old bytes.
   AsyncMutex bounce_mutex_;
+  std::once_flag buffered_once_;
+  int buffered_fd_ = -1;
+  int buffered_errno_ = 0;
 };
 
 }  // namespace qcow2kit

@@ -19,7 +19,9 @@ namespace {
 // One engine request moves at most this much; larger transfers are split.
 constexpr size_t kMaxChunk = 1u << 30;
 
-bool Aligned(uint64_t v) { return v % kIoAlignment == 0; }
+bool Aligned(uint64_t v) {
+  return v % kIoAlignment == 0;
+}
 
 Result<std::unique_ptr<File>> OpenWithFlags(const std::string& path, int flags, CacheMode cache,
                                             bool writable);
@@ -39,9 +41,12 @@ File::File(std::string path, int fd, bool writable, bool direct)
 
 File::~File() {
   if (fd_ >= 0) ::close(fd_);
+  if (buffered_fd_ >= 0) ::close(buffered_fd_);
 }
 
-void File::HoldLock(std::unique_ptr<ImageLock> lock) { lock_ = std::move(lock); }
+void File::HoldLock(std::unique_ptr<ImageLock> lock) {
+  lock_ = std::move(lock);
+}
 
 namespace {
 Result<std::unique_ptr<File>> OpenWithFlags(const std::string& path, int flags, CacheMode cache,
@@ -68,8 +73,7 @@ std::unique_ptr<File> File::Adopt(std::string path, int fd, bool writable, bool 
   return std::unique_ptr<File>(new File(std::move(path), fd, writable, direct));
 }
 
-Result<std::unique_ptr<File>> File::Open(const std::string& path, bool writable,
-                                         CacheMode cache) {
+Result<std::unique_ptr<File>> File::Open(const std::string& path, bool writable, CacheMode cache) {
   return OpenWithFlags(path, writable ? O_RDWR : O_RDONLY, cache, writable);
 }
 
@@ -77,12 +81,14 @@ Result<std::unique_ptr<File>> File::Create(const std::string& path, CacheMode ca
   return OpenWithFlags(path, O_RDWR | O_CREAT | O_TRUNC, cache, true);
 }
 
-Task<Result<size_t>> File::Transfer(bool write, std::byte* buf, size_t len, uint64_t offset) {
+Task<Result<size_t>> File::Transfer(bool write, std::byte* buf, size_t len, uint64_t offset,
+                                    int fd) {
+  if (fd < 0) fd = fd_;
   size_t done = 0;
   while (done < len) {
     IoAwaiter io;
     io.req.op = write ? IoOp::kWrite : IoOp::kRead;
-    io.req.fd = fd_;
+    io.req.fd = fd;
     io.req.buf = buf + done;
     io.req.len = static_cast<uint32_t>(std::min(len - done, kMaxChunk));
     io.req.offset = offset + done;
@@ -100,7 +106,7 @@ Task<Result<size_t>> File::Transfer(bool write, std::byte* buf, size_t len, uint
     }
     done += static_cast<size_t>(r);
     // O_DIRECT may stop short at end of file in the middle of a block: that is EOF too.
-    if (direct_ && !write && !Aligned(done)) break;
+    if (direct_ && fd == fd_ && !write && !Aligned(done)) break;
   }
   co_return done;
 }
@@ -130,8 +136,7 @@ Task<Status> File::ReadExact(std::span<std::byte> buf, uint64_t offset) {
   if (!r.ok()) co_return r.status();
   if (*r < buf.size()) {
     co_return Status::IoError(fmt::format(
-        "'{}': read of {} bytes at offset {:#x} runs past end of file", path_, buf.size(),
-        offset));
+        "'{}': read of {} bytes at offset {:#x} runs past end of file", path_, buf.size(), offset));
   }
   co_return Status::Ok();
 }
@@ -150,23 +155,38 @@ Task<Status> File::BounceWrite(std::span<const std::byte> buf, uint64_t offset) 
   uint64_t end = (offset + buf.size() + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
   auto old_size = Size();
   if (!old_size.ok()) co_return old_size.status();
+  if (end > std::max<uint64_t>(*old_size, offset + buf.size())) {
+    // The padded block would reach past both the old end of the file and the end of the
+    // write: it would grow a file of fixed size (a raw image whose size is not a multiple of
+    // the block), and cutting it back afterwards races with other writes that extend the file
+    // (truncate waits for their direct I/O and then drops it). Write exactly these bytes
+    // through the page cache instead; direct reads and writes of the range later flush and
+    // drop those pages first, and fdatasync covers them.
+    auto fd = BufferedFd();
+    if (!fd.ok()) co_return fd.status();
+    auto w = co_await Transfer(true, const_cast<std::byte*>(buf.data()), buf.size(), offset, *fd);
+    if (!w.ok()) co_return w.status();
+    co_return Status::Ok();
+  }
   AlignedBuffer bounce(end - start);
   auto r = co_await Transfer(false, bounce.data(), end - start, start);
   if (!r.ok()) co_return r.status();
   std::memcpy(bounce.data() + (offset - start), buf.data(), buf.size());
   auto w = co_await Transfer(true, bounce.data(), end - start, start);
   if (!w.ok()) co_return w.status();
-  // The block padding must not grow the file beyond what was asked for; but a concurrent
-  // write that extended the file further must not be cut off either.
-  uint64_t want = std::max<uint64_t>(*old_size, offset + buf.size());
-  if (end > want) {
-    auto now = Size();
-    if (!now.ok()) co_return now.status();
-    if (*now == end && ::ftruncate(fd_, static_cast<off_t>(want)) != 0) {
-      co_return Status::FromErrno(errno, "truncate '" + path_ + "'");
-    }
-  }
   co_return Status::Ok();
+}
+
+Result<int> File::BufferedFd() {
+  std::call_once(buffered_once_, [this] {
+    const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+    buffered_fd_ = ::open(self.c_str(), O_WRONLY | O_CLOEXEC);
+    buffered_errno_ = buffered_fd_ < 0 ? errno : 0;
+  });
+  if (buffered_fd_ < 0) {
+    return Status::FromErrno(buffered_errno_, "reopen '" + path_ + "' for buffered writes");
+  }
+  return buffered_fd_;
 }
 
 Task<Status> File::WriteAt(std::span<const std::byte> buf, uint64_t offset) {
@@ -209,7 +229,7 @@ Result<std::pair<bool, uint64_t>> File::ProbeHole(uint64_t offset, uint64_t len)
   off_t data = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
   if (data < 0) {
     if (errno == ENXIO) return std::make_pair(true, len);  // only a hole (or EOF) follows
-    return std::make_pair(false, len);                      // no SEEK_DATA support: all data
+    return std::make_pair(false, len);                     // no SEEK_DATA support: all data
   }
   if (static_cast<uint64_t>(data) > offset) {
     return std::make_pair(true, std::min<uint64_t>(len, data - offset));

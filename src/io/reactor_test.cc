@@ -1,17 +1,21 @@
 // Tests of the I/O core on both engines: the same behaviour is required of io_uring and of the
 // blocking fallback.
+#include "qcow2kit/reactor.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "qcow2kit/buffer.h"
 #include "qcow2kit/file.h"
-#include "qcow2kit/reactor.h"
 
 namespace qcow2kit {
 namespace {
@@ -47,14 +51,18 @@ class ReactorTest : public ::testing::TestWithParam<EngineKind> {
   std::unique_ptr<Reactor> reactor_;
 };
 
-Task<int> Add(int a, int b) { co_return a + b; }
+Task<int> Add(int a, int b) {
+  co_return a + b;
+}
 Task<int> Nested(int depth) {
   if (depth == 0) co_return 0;
   int below = co_await Nested(depth - 1);
   co_return below + co_await Add(1, 0);
 }
 
-TEST_P(ReactorTest, NestedTasksReturnValues) { EXPECT_EQ(reactor_->BlockOn(Nested(1000)), 1000); }
+TEST_P(ReactorTest, NestedTasksReturnValues) {
+  EXPECT_EQ(reactor_->BlockOn(Nested(1000)), 1000);
+}
 
 Task<int64_t> SumLoop(int n) {
   int64_t sum = 0;
@@ -231,6 +239,53 @@ TEST_P(ReactorTest, ConcurrentPartialBlockWritesAllLand) {
     EXPECT_EQ(buf[i * 512], std::byte(i + 1)) << "sector " << i;
     EXPECT_EQ(buf[i * 512 + 511], std::byte(i + 1)) << "sector " << i;
   }
+}
+
+// A partial-block write at the end of a file whose size is not a multiple of the block (its
+// padding reaches past the end), while a large aligned write from another thread grows the
+// file further: two allocating writes to an image with 1 KiB clusters from two reactors. The
+// padding must neither stay behind nor be cut back in a way that drops the other write
+// (a truncate after the padded write waited for that direct write and then cut it away).
+TEST_P(ReactorTest, PaddedWriteAtEndDoesNotCutAGrowingWrite) {
+  int lost = 0;
+  for (int round = 0; round < 40; ++round) {
+    TempFile tf(4096 + 1024);
+    auto f = File::Open(tf.path(), true, CacheMode::kNone);
+    ASSERT_TRUE(f.ok());
+    AlignedBuffer big(1 << 20);
+    std::memset(big.data(), 0x5a, big.size());
+    std::vector<std::byte> small(512, std::byte{0xc3});
+    std::atomic<int> ready = 0;
+    Status big_status, small_status;
+    auto write_on_own_reactor = [&](std::span<const std::byte> data, uint64_t offset, Status* out) {
+      auto r = Reactor::Create(GetParam());
+      ready.fetch_add(1);
+      while (ready.load() < 2) {
+      }
+      *out = (*r)->BlockOn((*f)->WriteAt(data, offset));
+    };
+    std::thread t1(write_on_own_reactor, big.span(), 8192, &big_status);
+    std::thread t2(write_on_own_reactor, std::span<const std::byte>(small), 4096 + 512,
+                   &small_status);
+    t1.join();
+    t2.join();
+    ASSERT_TRUE(big_status.ok()) << big_status.ToString();
+    ASSERT_TRUE(small_status.ok()) << small_status.ToString();
+    ASSERT_EQ(*(*f)->Size(), 8192u + big.size()) << "round " << round;
+    AlignedBuffer back(big.size());
+    auto r = reactor_->BlockOn((*f)->ReadAt(back.span(), 8192));
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ(*r, big.size());
+    lost += std::memcmp(back.data(), big.data(), big.size()) != 0;
+    std::vector<std::byte> head(4096);
+    r = reactor_->BlockOn((*f)->ReadAt(head, 4096));
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(head[511], std::byte{tf.data()[4096 + 511]});
+    EXPECT_EQ(head[512], std::byte{0xc3});
+    EXPECT_EQ(head[1023], std::byte{0xc3});
+    EXPECT_EQ(head[1024], std::byte{0});  // the gap up to the big write reads as zeros
+  }
+  EXPECT_EQ(lost, 0) << "rounds whose growing write was cut away";
 }
 
 TEST_P(ReactorTest, ShutdownWaitsForInflightIo) {
