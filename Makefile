@@ -2,10 +2,11 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
+TSAN_BUILD ?= build-tsan
 JOBS       ?= $(shell nproc)
 CMAKE_GEN  := -G Ninja
 
-.PHONY: all deps build asan demo test test-fast test-asan bench crash-long fuzz fuzz-long format clean
+.PHONY: all deps build asan tsan demo test test-fast test-asan bench crash-long fuzz fuzz-long format clean
 
 all: build
 
@@ -18,6 +19,9 @@ $(BUILD)/build.ninja:
 $(ASAN_BUILD)/build.ninja:
 	@cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DQCOW2KIT_SANITIZE=ON >/dev/null
 
+$(TSAN_BUILD)/build.ninja:
+	@cmake -S . -B $(TSAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOW2KIT_TSAN=ON >/dev/null
+
 $(FUZZ_BUILD)/build.ninja:
 	@cmake -S . -B $(FUZZ_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	  -DCMAKE_CXX_COMPILER=clang++ -DQCOW2KIT_FUZZ=ON >/dev/null
@@ -28,18 +32,27 @@ build: $(BUILD)/build.ninja
 asan: $(ASAN_BUILD)/build.ninja
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
 
+# The unit tests under ThreadSanitizer (only the multi-threaded ones are run there).
+tsan: $(TSAN_BUILD)/build.ninja
+	@cmake --build $(TSAN_BUILD) -j $(JOBS) --target unit_tests
+
 # Builds, makes a sample image with qemu-img and shows what qcow2kit reads from it.
 demo: deps build
 	@./scripts/demo.sh $(BUILD)/qcow2kit
 
-# The whole suite, normally and under AddressSanitizer + UndefinedBehaviorSanitizer, then
-# each fuzz target for a short fixed time.
+# The whole suite, normally and under AddressSanitizer + UndefinedBehaviorSanitizer, the
+# multi-threaded tests under ThreadSanitizer, then each fuzz target for a short fixed time.
 # The normal run may skip nothing: deps installed everything the cases need.
-test: deps build asan
+test: deps build asan tsan
 	@QCOW2KIT_NO_SKIP=1 ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(ASAN_BUILD) -j $(JOBS) --output-on-failure
+	@TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+	  ctest --test-dir $(TSAN_BUILD) -j $(JOBS) --output-on-failure -R '$(THREADED_TESTS)'
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
+
+# The tests that run several threads (make test runs them under ThreadSanitizer too).
+THREADED_TESTS := SharedDevice|Inbox|ConcurrencyTest|PaddedWrite
 
 test-fast: build
 	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure
@@ -72,4 +85,4 @@ format:
 	@clang-format -i $$(git ls-files '*.cc' '*.h')
 
 clean:
-	@rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
