@@ -3,19 +3,19 @@
 with ublk_drv loaded.
 
   boot        the guest runs the binary and has /dev/ublk-control
-  fio         on /dev/ublkbN over an empty qcow2 image: random writes with crc32c verify,
-              4 KiB at QD 32 and 64 KiB at QD 1, then a read-back verify pass
+  fio         on /dev/ublkbN (two queues) over an empty qcow2 image: random writes with
+              crc32c verify, 4 KiB at QD 32 from two jobs, 64 KiB at QD 1 and 16 KiB at QD 8
   pattern     a 1 MiB pattern written with dd at 16 MiB (direct, then fsync); on the host
               qemu-img reads the pattern there
   ext4        mkfs.ext4, a file written, unmounted, e2fsck clean
   discard     blkdiscard of 4 MiB (--discard=unmap): the range reads zeros in the guest and
               through qemu-img, and qemu-img map shows it unallocated
   stop        SIGTERM to the daemon: exit 0, /dev/ublkbN gone, the image closed clean
-  matrix      fio verify (4 KiB QD 32, 64 KiB QD 1) over a backing file, extended L2 over a
-              backing file, compressed clusters and a preallocated image, each checked by
-              qemu-img afterwards
+  matrix      fio verify (4 KiB QD 32 from two jobs, 64 KiB QD 1) with one queue and with two
+              over a backing file, extended L2 over a backing file, compressed clusters and a
+              preallocated image, each checked by qemu-img afterwards
   read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, `ublk list`
-              shows it live with its image, writes are refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
+              shows it live with its image and two queues (the default: one per CPU), writes are refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
               (its pid file gone)
 Back on the host every image passes qemu-img check.
 
@@ -69,8 +69,9 @@ qcow2kit --version > /dev/null && pass boot-binary || fail boot-binary "does not
 
 qkvm_in vda /tmp/img.qcow2 {img_size}
 qkvm_in vdb /tmp/pattern.raw {pattern_size}
-start_ublk /tmp/img.qcow2 --discard=unmap main
-run_fio fio-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --size=32m --offset=32m
+start_ublk /tmp/img.qcow2 "-q 2 --discard=unmap" main
+run_fio fio-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --size=16m \
+    --offset=32m --offset_increment=16m
 run_fio fio-64k-qd1 --rw=randwrite --bs=64k --iodepth=1 --size=16m --offset=48m
 run_fio fio-16k-qd8 --rw=randwrite --bs=16k --iodepth=8 --size=8m --offset=40m
 dd if=/tmp/pattern.raw of="$DEV" bs=64k seek=256 oflag=direct conv=fsync 2>/tmp/dd.err \
@@ -108,7 +109,8 @@ if [ $rc -eq 0 ] && [ "$DEV" = /dev/ublkb3 ] && [ -b /dev/ublkb3 ] && [ -s /tmp/
 else fail ro-add "exit $rc, printed '$DEV': $(cat /tmp/ro.err)"; fi
 qcow2kit ublk list --output=json > /tmp/list.json 2>&1
 if grep -q '"device": "/dev/ublkb3"' /tmp/list.json && grep -q '"state": "live"' /tmp/list.json \
-    && grep -q '"image": "/tmp/fs.qcow2"' /tmp/list.json; then pass list
+    && grep -q '"image": "/tmp/fs.qcow2"' /tmp/list.json \
+    && grep -q '"queues": 2' /tmp/list.json; then pass list
 else fail list "$(cat /tmp/list.json)"; fi
 dd if=/dev/zero of=/dev/ublkb3 bs=4k count=1 oflag=direct 2>/dev/null \
     && fail ro-refuses-writes "a write succeeded" || pass ro-refuses-writes
@@ -121,17 +123,22 @@ else fail ro-del "$(cat /tmp/del.err)"; fi
 qkvm_out /tmp/fs.qcow2 vdc
 
 # The other kinds of image: fio verify over data below (a backing file, compressed clusters,
-# subclusters over a backing file) and over a preallocated image.
+# subclusters over a backing file) and over a preallocated image, with one queue and with two
+# (each in its own ranges: 1-5 MiB and 20-22 MiB, then 5-9 MiB and 22-24 MiB).
 qkvm_in vdd /tmp/base.qcow2 {base_size}
 n=4
 for kind in backing extl2 compressed prealloc; do
   n=$((n + 1))
   disk=vd$(echo abcdefgh | cut -c$n)
   qkvm_in $disk /tmp/$kind.qcow2 $(eval echo \$size_$kind)
-  start_ublk /tmp/$kind.qcow2 "" $kind
-  run_fio $kind-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --size=8m --offset=1m
-  run_fio $kind-64k-qd1 --rw=randwrite --bs=64k --iodepth=1 --size=4m --offset=20m
-  stop_ublk $kind
+  for q in 1 2; do
+    start_ublk /tmp/$kind.qcow2 "-q $q" $kind-q$q
+    run_fio $kind-q$q-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --size=2m \
+        --offset=$((1 + (q - 1) * 4))m --offset_increment=2m
+    run_fio $kind-q$q-64k-qd1 --rw=randwrite --bs=64k --iodepth=1 --size=2m \
+        --offset=$((20 + (q - 1) * 2))m
+    stop_ublk $kind-q$q
+  done
   qkvm_out /tmp/$kind.qcow2 $disk
 done
 """
@@ -190,8 +197,9 @@ def main():
                      "list", "ro-refuses-writes", "ro-reads", "ro-del"):
             res.passed(name)
         for kind in kinds:
-            for step in ("add", "4k-qd32", "64k-qd1", "stop"):
-                res.passed(f"{kind}-{step}")
+            for queues in (1, 2):
+                for step in ("add", "4k-qd32", "64k-qd1", "stop"):
+                    res.passed(f"{kind}-q{queues}-{step}")
         for image in (img, fs, *kinds.values()):
             T.expect_ok(T.run(["qemu-img", "check", image], timeout=120),
                         f"qemu-img check of {os.path.basename(image)} after the guest")

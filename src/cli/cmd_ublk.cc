@@ -3,9 +3,10 @@
 // it (as a daemon unless --foreground) until SIGTERM / SIGINT or `ublk del`; then requests
 // finish, the image is flushed and closed clean, and the device is removed.
 //
-// Threads: the main thread runs the queue on its io_uring reactor; a control thread sends
-// START_DEV (which returns only once the queue has fetched every tag, so it cannot come from
-// the queue's thread) and then waits for the signal that stops the device.
+// Threads: the main thread owns the image and runs queue 0 on its io_uring reactor; queues
+// 1.. have a thread and reactor each (export/ublk/queues.h); a control thread sends START_DEV
+// (which returns only once every queue has fetched every tag, so it cannot come from a queue's
+// thread) and then waits for the signal that stops the device.
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -28,7 +29,7 @@
 #include "cli/commands.h"
 #include "cli/daemon.h"
 #include "export/ublk/control.h"
-#include "export/ublk/queue.h"
+#include "export/ublk/queues.h"
 #include "export/ublk/ublk_abi.h"
 #include "fmt/format.h"
 #include "qcow2kit/block.h"
@@ -42,7 +43,7 @@ struct UblkArgs {
   std::string image;
   std::string format;
   int64_t id = -1;  // -n; -1: the kernel picks
-  int queues = 1;
+  int queues = 0;   // 0: one per CPU, at most 4
   int depth = 128;
   bool read_only = false;
   std::string cache = "none";
@@ -52,6 +53,8 @@ struct UblkArgs {
 };
 
 constexpr uint32_t kMaxIoBytes = 512 << 10;
+// A thread each; the kernel also clamps the count to the CPUs it has.
+constexpr int kMaxQueues = 64;
 
 // The parameters the block layer gets: 512-byte sectors over 4 KiB physical blocks, a
 // volatile cache with FUA (so flushes and FUA writes reach us), discard and write-zeroes.
@@ -124,7 +127,14 @@ std::string ImageOf(uint32_t id) {
 }
 
 int RunAdd(const UblkArgs& a) {
-  if (a.queues != 1) return UsageError("only one queue (-q 1) is supported so far", "ublk add");
+  int queues = a.queues;
+  if (queues == 0) {
+    queues = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
+  }
+  if (queues < 1 || queues > kMaxQueues) {
+    return UsageError(fmt::format("Invalid number of queues {} (1 to {})", a.queues, kMaxQueues),
+                      "ublk add");
+  }
   if (a.depth < 1 || a.depth > UBLK_MAX_QUEUE_DEPTH) {
     return UsageError(
         fmt::format("Invalid queue depth {} (1 to {})", a.depth, UBLK_MAX_QUEUE_DEPTH), "ublk add");
@@ -178,7 +188,7 @@ int RunAdd(const UblkArgs& a) {
     return Fail(Status::Unsupported("the kernel's ublk driver is too old (needs Linux 6.5)"));
   }
   ublksrv_ctrl_dev_info want{};
-  want.nr_hw_queues = static_cast<uint16_t>(a.queues);
+  want.nr_hw_queues = static_cast<uint16_t>(queues);
   want.queue_depth = static_cast<uint16_t>(a.depth);
   want.max_io_buf_bytes = kMaxIoBytes;
   want.dev_id = a.id < 0 ? UINT32_MAX : static_cast<uint32_t>(a.id);
@@ -198,16 +208,17 @@ int RunAdd(const UblkArgs& a) {
   if (!s.ok()) return remove(s);
   auto char_fd = OpenCharDevice(id);
   if (!char_fd.ok()) return remove(char_fd.status());
-  auto queue = ublk::UblkQueue::Create(*char_fd, dev.get(),
-                                       {.queue_id = 0,
-                                        .depth = info->queue_depth,
-                                        .max_io_bytes = info->max_io_buf_bytes,
-                                        .discard = discard});
-  if (!queue.ok()) {
-    ::close(*char_fd);
-    return remove(queue.status());
+  auto queues_started = ublk::UblkQueues::Start(
+      *char_fd, dev.get(),
+      {.depth = info->queue_depth, .max_io_bytes = info->max_io_buf_bytes, .discard = discard},
+      info->nr_hw_queues);
+  if (!queues_started.ok()) {
+    // Queues that started hold fetches that end only with this process: leave at once.
+    Fail(queues_started.status());
+    (void)ctl.DeleteDeviceLater(id);
+    std::_Exit(1);
   }
-  (*queue)->Start();
+  ublk::UblkQueues& serving = **queues_started;
 
   // The control thread: start (while this thread serves the fetches), report, wait for a
   // signal, stop. The stop makes the kernel flush through the queue and abort the fetches.
@@ -236,14 +247,14 @@ int RunAdd(const UblkArgs& a) {
     (void)ctl.StopDevice(id);
     control_done = true;
   });
-  while ((*queue)->running() > 0) r.RunOnce(true);
+  serving.Run();
   // Stopped from elsewhere (ublk del): wake the control thread from its sigwait.
   if (!control_done) {
     ::pthread_kill(control_thread.native_handle(), SIGTERM);
   }
   control_thread.join();
+  queues_started->reset();
   Status closed = close_image();
-  queue->reset();
   ::close(*char_fd);
   // The pid file goes first: once the device is gone (what `ublk del` waits for), so is it.
   if (!a.pid_file.empty()) ::unlink(a.pid_file.c_str());
@@ -331,7 +342,8 @@ void AddUblkCommand(Cli& cli) {
   add->add_option("image", a->image, "Image file")->required();
   add->add_option("-f,--format", a->format, "Image format: qcow2 or raw (default: probe)");
   add->add_option("-n,--number", a->id, "Device number N of /dev/ublkbN (default: the next free)");
-  add->add_option("-q,--queues", a->queues, "Hardware queues (default 1)");
+  add->add_option("-q,--queues", a->queues,
+                  "Hardware queues, a thread each (default: CPUs, at most 4)");
   add->add_option("-d,--depth", a->depth, "Requests in flight per queue (default 128)");
   add->add_flag("-r,--read-only", a->read_only, "A read-only device");
   add->add_option("--cache", a->cache, "none (O_DIRECT, the default) or writeback");

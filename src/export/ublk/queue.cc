@@ -14,7 +14,7 @@
 
 namespace qcow2kit::ublk {
 
-Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(int char_fd, BlockDevice* dev,
+Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(int char_fd, SharedDevice::Port* dev,
                                                      const QueueOptions& options) {
   auto q = std::unique_ptr<UblkQueue>(new UblkQueue(char_fd, dev, options));
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));

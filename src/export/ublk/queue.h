@@ -1,7 +1,7 @@
 // UblkQueue: one hardware queue of a ublk device, served on the current reactor. Each tag
-// (request slot) is a coroutine that fetches a request from the kernel, runs it on the block
-// device, and commits the result while fetching the next (COMMIT_AND_FETCH), until the
-// device stops and the kernel aborts the fetch.
+// (request slot) is a coroutine that fetches a request from the kernel, runs it on the
+// queue's port of the shared block device, and commits the result while fetching the next
+// (COMMIT_AND_FETCH), until the device stops and the kernel aborts the fetch.
 #pragma once
 
 #include <cstddef>
@@ -9,7 +9,7 @@
 #include <memory>
 #include <vector>
 
-#include "qcow2kit/block.h"
+#include "qcow2kit/shared_device.h"
 #include "qcow2kit/status.h"
 #include "qcow2kit/task.h"
 
@@ -27,7 +27,7 @@ struct QueueOptions {
 class UblkQueue {
  public:
   // `char_fd` is the open /dev/ublkcN; its descriptor array for this queue is mapped here.
-  static Result<std::unique_ptr<UblkQueue>> Create(int char_fd, BlockDevice* dev,
+  static Result<std::unique_ptr<UblkQueue>> Create(int char_fd, SharedDevice::Port* dev,
                                                    const QueueOptions& options);
   ~UblkQueue();
 
@@ -36,14 +36,14 @@ class UblkQueue {
   size_t running() const { return running_; }
 
  private:
-  UblkQueue(int char_fd, BlockDevice* dev, const QueueOptions& options)
+  UblkQueue(int char_fd, SharedDevice::Port* dev, const QueueOptions& options)
       : char_fd_(char_fd), dev_(dev), options_(options) {}
   Task<void> ServeTag(uint16_t tag);
   // Runs one request; returns what to commit: bytes transferred or -errno.
   Task<int32_t> Handle(const ublksrv_io_desc& desc, std::byte* buf);
 
   int char_fd_;
-  BlockDevice* dev_;
+  SharedDevice::Port* dev_;
   QueueOptions options_;
   const ublksrv_io_desc* descs_ = nullptr;
   size_t mapped_bytes_ = 0;
