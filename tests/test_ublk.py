@@ -10,7 +10,11 @@ with ublk_drv loaded.
   ext4        mkfs.ext4, a file written, unmounted, e2fsck clean
   discard     blkdiscard of 4 MiB (--discard=unmap): the range reads zeros in the guest and
               through qemu-img, and qemu-img map shows it unallocated
+  zeroes      --detect-zeroes=unmap: 1 MiB of zeros written with dd over data reads zeros and
+              is unallocated in qemu-img map
   stop        SIGTERM to the daemon: exit 0, /dev/ublkbN gone, the image closed clean
+  del-load    `ublk del` while fio writes through two queues: it returns, the device is gone,
+              the daemon exits 0 and the image passes qemu-img check
   matrix      fio verify (4 KiB QD 32 from two jobs, 64 KiB QD 1) with one queue and with two
               over a backing file, extended L2 over a backing file, compressed clusters and a
               preallocated image, each checked by qemu-img afterwards
@@ -69,7 +73,7 @@ qcow2kit --version > /dev/null && pass boot-binary || fail boot-binary "does not
 
 qkvm_in vda /tmp/img.qcow2 {img_size}
 qkvm_in vdb /tmp/pattern.raw {pattern_size}
-start_ublk /tmp/img.qcow2 "-q 2 --discard=unmap" main
+start_ublk /tmp/img.qcow2 "-q 2 --discard=unmap --detect-zeroes=unmap" main
 run_fio fio-4k-qd32 --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --size=16m \
     --offset=32m --offset_increment=16m
 run_fio fio-64k-qd1 --rw=randwrite --bs=64k --iodepth=1 --size=16m --offset=48m
@@ -83,7 +87,25 @@ if blkdiscard -o $((8 << 20)) -l $((4 << 20)) "$DEV" 2>/tmp/bd.err; then
   if [ "$(dd if="$DEV" bs=1M skip=8 count=4 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]
   then pass discard; else fail discard "the discarded range does not read zeros"; fi
 else fail discard "blkdiscard: $(cat /tmp/bd.err)"; fi
+dd if=/tmp/pattern.raw of="$DEV" bs=64k seek=192 oflag=direct 2>/dev/null  # 12-13 MiB
+dd if=/dev/zero of="$DEV" bs=64k seek=192 count=16 oflag=direct conv=fsync 2>/tmp/dd.err \
+    && pass zero-write || fail zero-write "$(cat /tmp/dd.err)"
 stop_ublk main
+
+# ublk del while fio writes through both queues: no hang, the daemon exits 0, the image is
+# closed clean (qemu-img check on the host).
+start_ublk /tmp/img.qcow2 "-q 2" load
+fio --name=load --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=32 --numjobs=2 --size=8m --offset=32m --offset_increment=8m --time_based \
+    --runtime=120 --eta=never > /tmp/load.out 2>&1 &
+FIO=$!
+sleep 3
+if timeout 60 qcow2kit ublk del -n "${{DEV#/dev/ublkb}}" 2>/tmp/del.err && [ ! -e "$DEV" ]; then
+  pass load-del
+else fail load-del "$(cat /tmp/del.err)"; fi
+wait $QK && pass load-daemon-exit || fail load-daemon-exit "exit $?: $(cat /tmp/ublk.err)"
+wait $FIO
+grep -q -e Sanitizer -e "runtime error" /tmp/ublk.err && fail load-sanitizer "$(head -20 /tmp/ublk.err)"
 qkvm_out /tmp/img.qcow2 vda
 
 qkvm_in vdc /tmp/fs.qcow2 {fs_size}
@@ -192,7 +214,8 @@ def main():
             print(res.console)
         res.check()
         for name in ("boot-ublk-control", "boot-binary", "main-add", "fio-4k-qd32",
-                     "fio-64k-qd1", "fio-16k-qd8", "pattern-write", "discard", "main-stop",
+                     "fio-64k-qd1", "fio-16k-qd8", "pattern-write", "discard", "zero-write",
+                     "main-stop", "load-add", "load-del", "load-daemon-exit",
                      "ext4-add", "ext4-file", "ext4-fsck", "ext4-stop", "ro-add",
                      "list", "ro-refuses-writes", "ro-reads", "ro-del"):
             res.passed(name)
@@ -215,13 +238,18 @@ def main():
             written = f.read(MiB)
             f.seek(8 * MiB)
             discarded = f.read(4 * MiB)
+            zeroed = f.read(MiB)
         with open(pattern, "rb") as f:
             T.check(written == f.read(), "qemu-img does not read the pattern the guest wrote")
         T.check(discarded == bytes(4 * MiB), "qemu-img does not read zeros where the guest "
                                              "discarded")
+        T.check(zeroed == bytes(MiB), "qemu-img does not read the zeros the guest wrote")
         mapped = q.map(img)
         T.check(not any(e["data"] and e["start"] < 12 * MiB and e["start"] + e["length"] > 8 * MiB
                         for e in mapped), f"the discarded range is still allocated: {mapped}")
+        # --detect-zeroes=unmap with --discard=unmap: the zeros written over data let it go.
+        T.check(not any(e["data"] and e["start"] < 13 * MiB and e["start"] + e["length"] > 12 * MiB
+                        for e in mapped), f"the zeroed range is still allocated: {mapped}")
     R.finish()
 
 

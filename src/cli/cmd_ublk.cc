@@ -48,6 +48,7 @@ struct UblkArgs {
   bool read_only = false;
   std::string cache = "none";
   std::string discard = "ignore";
+  std::string detect_zeroes = "off";
   bool foreground = false;
   std::string pid_file;
 };
@@ -147,6 +148,15 @@ int RunAdd(const UblkArgs& a) {
   } else if (a.discard != "ignore" && a.discard != "off") {
     return UsageError("Invalid discard mode '" + a.discard + "' (ignore or unmap)", "ublk add");
   }
+  auto detect_zeroes = ublk::QueueOptions::DetectZeroes::kOff;
+  if (a.detect_zeroes == "on") {
+    detect_zeroes = ublk::QueueOptions::DetectZeroes::kOn;
+  } else if (a.detect_zeroes == "unmap") {
+    detect_zeroes = ublk::QueueOptions::DetectZeroes::kUnmap;
+  } else if (a.detect_zeroes != "off") {
+    return UsageError("Invalid detect-zeroes mode '" + a.detect_zeroes + "' (off, on or unmap)",
+                      "ublk add");
+  }
   ImageOptions io;
   io.filename = a.image;
   io.format = a.format;
@@ -208,10 +218,12 @@ int RunAdd(const UblkArgs& a) {
   if (!s.ok()) return remove(s);
   auto char_fd = OpenCharDevice(id);
   if (!char_fd.ok()) return remove(char_fd.status());
-  auto queues_started = ublk::UblkQueues::Start(
-      *char_fd, dev.get(),
-      {.depth = info->queue_depth, .max_io_bytes = info->max_io_buf_bytes, .discard = discard},
-      info->nr_hw_queues);
+  auto queues_started = ublk::UblkQueues::Start(*char_fd, dev.get(),
+                                                {.depth = info->queue_depth,
+                                                 .max_io_bytes = info->max_io_buf_bytes,
+                                                 .discard = discard,
+                                                 .detect_zeroes = detect_zeroes},
+                                                info->nr_hw_queues);
   if (!queues_started.ok()) {
     // Queues that started hold fetches that end only with this process: leave at once.
     Fail(queues_started.status());
@@ -348,6 +360,9 @@ void AddUblkCommand(Cli& cli) {
   add->add_flag("-r,--read-only", a->read_only, "A read-only device");
   add->add_option("--cache", a->cache, "none (O_DIRECT, the default) or writeback");
   add->add_option("--discard", a->discard, "ignore (default) or unmap discards");
+  add->add_option("--detect-zeroes", a->detect_zeroes,
+                  "off (default), on (writes of zeros are recorded as zeros) or unmap (and "
+                  "deallocated, with --discard=unmap)");
   add->add_flag("--foreground", a->foreground, "Serve in the foreground (default: daemon)");
   add->add_option("--pid-file", a->pid_file, "Write the daemon's pid to this file");
   add->callback([&cli, a] { cli.run = [a] { return RunAdd(*a); }; });

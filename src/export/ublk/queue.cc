@@ -10,6 +10,7 @@
 
 #include "export/ublk/ublk_abi.h"
 #include "fmt/format.h"
+#include "qcow2kit/buffer.h"
 #include "qcow2kit/reactor.h"
 
 namespace qcow2kit::ublk {
@@ -89,8 +90,16 @@ Task<int32_t> UblkQueue::Handle(const ublksrv_io_desc& desc, std::byte* buf) {
       break;
     }
     case UBLK_IO_OP_WRITE: {
-      Status w = co_await dev_->Write(offset, std::span<const std::byte>(buf, length),
-                                      (flags & UBLK_IO_F_FUA) != 0);
+      const std::span<const std::byte> data(buf, length);
+      const bool fua = (flags & UBLK_IO_F_FUA) != 0;
+      if (options_.detect_zeroes != QueueOptions::DetectZeroes::kOff && IsAllZero(data)) {
+        const bool unmap =
+            options_.discard && options_.detect_zeroes == QueueOptions::DetectZeroes::kUnmap;
+        Status z = co_await dev_->WriteZeroes(offset, length, unmap, fua);
+        s = z;
+        break;
+      }
+      Status w = co_await dev_->Write(offset, data, fua);
       s = w;
       break;
     }

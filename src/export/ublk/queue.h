@@ -22,6 +22,9 @@ struct QueueOptions {
   uint16_t depth = 128;
   uint32_t max_io_bytes = 512 << 10;  // per request, as negotiated (page rounded)
   bool discard = false;               // discard requests unmap (else they are ignored)
+  // Writes of zeros become write-zeroes (QEMU's detect-zeroes): kOn records zeros, kUnmap
+  // also lets whole clusters go when discards unmap.
+  enum class DetectZeroes { kOff, kOn, kUnmap } detect_zeroes = DetectZeroes::kOff;
 };
 
 class UblkQueue {
