@@ -102,11 +102,11 @@ std::string StatePath(uint32_t id) {
   return fmt::format("{}/ublk-{}.json", kStateDir, id);
 }
 
-void WriteState(uint32_t id, const UblkArgs& a) {
+void WriteState(uint32_t id, const UblkArgs& a, bool read_only) {
   ::mkdir(kStateDir, 0755);
   char real[PATH_MAX];
   tools::Json j = {{"image", ::realpath(a.image.c_str(), real) ? real : a.image},
-                   {"read-only", a.read_only}};
+                   {"read-only", read_only}};
   if (std::FILE* f = std::fopen(StatePath(id).c_str(), "w")) {
     std::fputs(j.dump().c_str(), f);
     std::fclose(f);
@@ -127,26 +127,32 @@ std::string ImageOf(uint32_t id) {
              : "";
 }
 
-int RunAdd(const UblkArgs& a) {
+// `ublk add`, and with `recover` set `ublk recover -n ID`: serves the image until the device
+// stops. Recovery takes over a device whose daemon died (state QUIESCED): its queues, depth
+// and parameters stay the kernel's; requests the old daemon had not completed are issued again.
+int RunServe(const UblkArgs& a, bool recover) {
+  const char* command = recover ? "ublk recover" : "ublk add";
   int queues = a.queues;
   if (queues == 0) {
     queues = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
   }
   if (queues < 1 || queues > kMaxQueues) {
     return UsageError(fmt::format("Invalid number of queues {} (1 to {})", a.queues, kMaxQueues),
-                      "ublk add");
+                      command);
   }
   if (a.depth < 1 || a.depth > UBLK_MAX_QUEUE_DEPTH) {
     return UsageError(
-        fmt::format("Invalid queue depth {} (1 to {})", a.depth, UBLK_MAX_QUEUE_DEPTH), "ublk add");
+        fmt::format("Invalid queue depth {} (1 to {})", a.depth, UBLK_MAX_QUEUE_DEPTH), command);
   }
-  if (a.id < -1 || a.id >= INT32_MAX)
-    return UsageError(fmt::format("Invalid device id {}", a.id), "ublk add");
+  if (a.id < -1 || a.id >= INT32_MAX) {
+    return UsageError(fmt::format("Invalid device id {}", a.id), command);
+  }
+  if (recover && a.id < 0) return UsageError("ublk recover needs -n ID", command);
   bool discard = false;
   if (a.discard == "unmap" || a.discard == "on") {
     discard = true;
   } else if (a.discard != "ignore" && a.discard != "off") {
-    return UsageError("Invalid discard mode '" + a.discard + "' (ignore or unmap)", "ublk add");
+    return UsageError("Invalid discard mode '" + a.discard + "' (ignore or unmap)", command);
   }
   auto detect_zeroes = ublk::QueueOptions::DetectZeroes::kOff;
   if (a.detect_zeroes == "on") {
@@ -155,7 +161,7 @@ int RunAdd(const UblkArgs& a) {
     detect_zeroes = ublk::QueueOptions::DetectZeroes::kUnmap;
   } else if (a.detect_zeroes != "off") {
     return UsageError("Invalid detect-zeroes mode '" + a.detect_zeroes + "' (off, on or unmap)",
-                      "ublk add");
+                      command);
   }
   ImageOptions io;
   io.filename = a.image;
@@ -163,7 +169,6 @@ int RunAdd(const UblkArgs& a) {
   io.cache = a.cache;
   auto open = ReadOnlyOpenOptions(io);
   if (!open.ok()) return Fail(open.status());
-  open->writable = !a.read_only;
 
   int ready_fd = -1;
   if (!a.foreground) {
@@ -173,6 +178,44 @@ int RunAdd(const UblkArgs& a) {
   // A daemon that fails before it is ready exits (after Fail's message); the waiting
   // parent then exits 1 too. Signals are taken by the control thread's sigwait.
   const sigset_t signals = BlockStopSignals();
+
+  auto control = ublk::UblkControl::Open();
+  if (!control.ok()) return Fail(control.status());
+  ublk::UblkControl& ctl = **control;
+  auto features = ctl.GetFeatures();
+  if (!features.ok() || (*features & ublk::kFlagCmdIoctlEncode) == 0) {
+    return Fail(Status::Unsupported("the kernel's ublk driver is too old (needs Linux 6.5)"));
+  }
+  // What recovery takes over: the device as the kernel keeps it.
+  ublksrv_ctrl_dev_info info{};
+  bool read_only = a.read_only;
+  uint64_t device_sectors = 0;  // recover: the device's size
+  if (recover) {
+    auto got = ctl.GetInfo(static_cast<uint32_t>(a.id));
+    // The kernel quiesces the device shortly after its daemon died: wait for that.
+    for (int i = 0; i < 300 && got.ok() && got->state == UBLK_S_DEV_LIVE &&
+                    ::kill(got->ublksrv_pid, 0) != 0 && errno == ESRCH;
+         ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      got = ctl.GetInfo(static_cast<uint32_t>(a.id));
+    }
+    if (!got.ok()) return Fail(got.status().WithContext(fmt::format("ublk device {}", a.id)));
+    info = *got;
+    if ((info.flags & UBLK_F_USER_RECOVERY) == 0) {
+      return Fail(Status::Unsupported(
+          fmt::format("ublk device {} was not added with user recovery", a.id)));
+    }
+    if (info.state != UBLK_S_DEV_QUIESCED) {
+      return Fail(Status::Invalid(
+          fmt::format("ublk device {} is {}, not quiesced: its daemon is still running", a.id,
+                      info.state == UBLK_S_DEV_LIVE ? "live" : "not started")));
+    }
+    auto params = ctl.GetParams(info.dev_id);
+    if (!params.ok()) return Fail(params.status());
+    read_only |= (params->basic.attrs & UBLK_ATTR_READ_ONLY) != 0;
+    device_sectors = params->basic.dev_sectors;
+  }
+  open->writable = !read_only;
 
   auto reactor = MakeReactor(EngineKind::kUring);
   if (!reactor.ok()) return Fail(reactor.status().WithContext("ublk needs io_uring"));
@@ -185,45 +228,48 @@ int RunAdd(const UblkArgs& a) {
     dev.reset();
     return s;
   };
+  if (recover && dev->size() >> 9 != device_sectors) {
+    (void)close_image();
+    return Fail(Status::Invalid(
+        fmt::format("'{}' has {} sectors, ublk device {} has {}: not the image it served", a.image,
+                    dev->size() >> 9, a.id, device_sectors)));
+  }
 
-  auto control = ublk::UblkControl::Open();
-  if (!control.ok()) {
-    (void)close_image();
-    return Fail(control.status());
+  if (!recover) {
+    ublksrv_ctrl_dev_info want{};
+    want.nr_hw_queues = static_cast<uint16_t>(queues);
+    want.queue_depth = static_cast<uint16_t>(a.depth);
+    want.max_io_buf_bytes = kMaxIoBytes;
+    want.dev_id = a.id < 0 ? UINT32_MAX : static_cast<uint32_t>(a.id);
+    // With user recovery a daemon that dies leaves the device quiesced, its requests waiting
+    // for `ublk recover` (and issued again then), instead of failing them.
+    want.flags = ublk::kFlagCmdIoctlEncode | UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+    auto added = ctl.AddDevice(want);
+    if (!added.ok()) {
+      (void)close_image();
+      return Fail(added.status());
+    }
+    info = *added;
   }
-  ublk::UblkControl& ctl = **control;
-  auto features = ctl.GetFeatures();
-  if (!features.ok() || (*features & ublk::kFlagCmdIoctlEncode) == 0) {
-    (void)close_image();
-    return Fail(Status::Unsupported("the kernel's ublk driver is too old (needs Linux 6.5)"));
-  }
-  ublksrv_ctrl_dev_info want{};
-  want.nr_hw_queues = static_cast<uint16_t>(queues);
-  want.queue_depth = static_cast<uint16_t>(a.depth);
-  want.max_io_buf_bytes = kMaxIoBytes;
-  want.dev_id = a.id < 0 ? UINT32_MAX : static_cast<uint32_t>(a.id);
-  want.flags = ublk::kFlagCmdIoctlEncode;
-  auto info = ctl.AddDevice(want);
-  if (!info.ok()) {
-    (void)close_image();
-    return Fail(info.status());
-  }
-  const uint32_t id = info->dev_id;
-  auto remove = [&](Status why) {
-    (void)ctl.DeleteDevice(id);
+  const uint32_t id = info.dev_id;
+  // A device this command added goes again on failure; one being recovered stays quiesced
+  // for another try.
+  auto give_up = [&](Status why) {
+    if (!recover) (void)ctl.DeleteDevice(id);
     (void)close_image();
     return Fail(why);
   };
-  Status s = ctl.SetParams(id, DeviceParams(*dev, *info, a.read_only));
-  if (!s.ok()) return remove(s);
+  Status s =
+      recover ? ctl.StartUserRecovery(id) : ctl.SetParams(id, DeviceParams(*dev, info, read_only));
+  if (!s.ok()) return give_up(s);
   auto char_fd = OpenCharDevice(id);
-  if (!char_fd.ok()) return remove(char_fd.status());
+  if (!char_fd.ok()) return give_up(char_fd.status());
   auto queues_started = ublk::UblkQueues::Start(*char_fd, dev.get(),
-                                                {.depth = info->queue_depth,
-                                                 .max_io_bytes = info->max_io_buf_bytes,
+                                                {.depth = info.queue_depth,
+                                                 .max_io_bytes = info.max_io_buf_bytes,
                                                  .discard = discard,
                                                  .detect_zeroes = detect_zeroes},
-                                                info->nr_hw_queues);
+                                                info.nr_hw_queues);
   if (!queues_started.ok()) {
     // Queues that started hold fetches that end only with this process: leave at once.
     Fail(queues_started.status());
@@ -236,7 +282,8 @@ int RunAdd(const UblkArgs& a) {
   // signal, stop. The stop makes the kernel flush through the queue and abort the fetches.
   std::atomic<bool> control_done = false;
   std::thread control_thread([&] {
-    Status started = ctl.StartDevice(id, ::getpid());
+    Status started =
+        recover ? ctl.EndUserRecovery(id, ::getpid()) : ctl.StartDevice(id, ::getpid());
     if (!started.ok()) {
       // The fetches stay in flight and only end with this process: leave at once, the
       // device deleted once its character device closes.
@@ -252,7 +299,7 @@ int RunAdd(const UblkArgs& a) {
         std::fclose(f);
       }
     }
-    WriteState(id, a);
+    WriteState(id, a, read_only);
     ReportReady(&ready_fd, 0);
     int sig = 0;
     ::sigwait(&signals, &sig);
@@ -350,22 +397,32 @@ void AddUblkCommand(Cli& cli) {
   auto del_id = std::make_shared<int64_t>(-1);
   CLI::App* cmd = cli.app.add_subcommand("ublk", "Serve an image as a Linux block device (ublk)");
   cmd->require_subcommand(1);
+  // add and recover take the same options (recover keeps the device's queues and depth).
+  auto serve_options = [](CLI::App* sub, UblkArgs* args) {
+    sub->add_option("image", args->image, "Image file")->required();
+    sub->add_option("-f,--format", args->format, "Image format: qcow2 or raw (default: probe)");
+    sub->add_option("-q,--queues", args->queues,
+                    "Hardware queues, a thread each (default: CPUs, at most 4)");
+    sub->add_option("-d,--depth", args->depth, "Requests in flight per queue (default 128)");
+    sub->add_flag("-r,--read-only", args->read_only, "A read-only device");
+    sub->add_option("--cache", args->cache, "none (O_DIRECT, the default) or writeback");
+    sub->add_option("--discard", args->discard, "ignore (default) or unmap discards");
+    sub->add_option("--detect-zeroes", args->detect_zeroes,
+                    "off (default), on (writes of zeros are recorded as zeros) or unmap (and "
+                    "deallocated, with --discard=unmap)");
+    sub->add_flag("--foreground", args->foreground, "Serve in the foreground (default: daemon)");
+    sub->add_option("--pid-file", args->pid_file, "Write the daemon's pid to this file");
+  };
   CLI::App* add = cmd->add_subcommand("add", "Create /dev/ublkbN for an image and serve it");
-  add->add_option("image", a->image, "Image file")->required();
-  add->add_option("-f,--format", a->format, "Image format: qcow2 or raw (default: probe)");
+  serve_options(add, a.get());
   add->add_option("-n,--number", a->id, "Device number N of /dev/ublkbN (default: the next free)");
-  add->add_option("-q,--queues", a->queues,
-                  "Hardware queues, a thread each (default: CPUs, at most 4)");
-  add->add_option("-d,--depth", a->depth, "Requests in flight per queue (default 128)");
-  add->add_flag("-r,--read-only", a->read_only, "A read-only device");
-  add->add_option("--cache", a->cache, "none (O_DIRECT, the default) or writeback");
-  add->add_option("--discard", a->discard, "ignore (default) or unmap discards");
-  add->add_option("--detect-zeroes", a->detect_zeroes,
-                  "off (default), on (writes of zeros are recorded as zeros) or unmap (and "
-                  "deallocated, with --discard=unmap)");
-  add->add_flag("--foreground", a->foreground, "Serve in the foreground (default: daemon)");
-  add->add_option("--pid-file", a->pid_file, "Write the daemon's pid to this file");
-  add->callback([&cli, a] { cli.run = [a] { return RunAdd(*a); }; });
+  add->callback([&cli, a] { cli.run = [a] { return RunServe(*a, /*recover=*/false); }; });
+  auto rec = std::make_shared<UblkArgs>();
+  CLI::App* recover = cmd->add_subcommand(
+      "recover", "Serve a device again whose daemon died (its requests are issued again)");
+  serve_options(recover, rec.get());
+  recover->add_option("-n,--number", rec->id, "Device number")->required();
+  recover->callback([&cli, rec] { cli.run = [rec] { return RunServe(*rec, /*recover=*/true); }; });
   auto list_output = std::make_shared<std::string>("human");
   CLI::App* list = cmd->add_subcommand("list", "Show the ublk devices and what they serve");
   AddOutputOption(list, list_output.get());

@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "export/ublk/ublk_abi.h"
 #include "fmt/format.h"
@@ -93,6 +95,28 @@ Result<ublksrv_ctrl_dev_info> UblkControl::GetInfo(uint32_t dev_id) {
 
 Status UblkControl::SetParams(uint32_t dev_id, const ublk_params& params) {
   return Send(kCmdSetParams, dev_id, &params, sizeof(params), 0, "SET_PARAMS").status();
+}
+
+Result<ublk_params> UblkControl::GetParams(uint32_t dev_id) {
+  ublk_params params{};
+  params.len = sizeof(params);
+  auto r = Send(kCmdGetParams, dev_id, &params, sizeof(params), 0, "GET_PARAMS");
+  if (!r.ok()) return r.status();
+  return params;
+}
+
+Status UblkControl::StartUserRecovery(uint32_t dev_id) {
+  for (int tries = 0;; ++tries) {
+    auto r = Send(kCmdStartUserRecovery, dev_id, nullptr, 0, 0, "START_USER_RECOVERY");
+    if (r.ok() || r.status().code() != EBUSY || tries == 300) return r.status();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+Status UblkControl::EndUserRecovery(uint32_t dev_id, int daemon_pid) {
+  return Send(kCmdEndUserRecovery, dev_id, nullptr, 0, static_cast<uint64_t>(daemon_pid),
+              "END_USER_RECOVERY", 120)
+      .status();
 }
 
 Status UblkControl::StartDevice(uint32_t dev_id, int daemon_pid) {

@@ -28,9 +28,15 @@ class UblkControl {
   Result<ublksrv_ctrl_dev_info> AddDevice(const ublksrv_ctrl_dev_info& want);
   Result<ublksrv_ctrl_dev_info> GetInfo(uint32_t dev_id);
   Status SetParams(uint32_t dev_id, const ublk_params& params);
+  Result<ublk_params> GetParams(uint32_t dev_id);
   // Waits until every queue has fetched every tag, then adds the disk /dev/ublkbN.
   Status StartDevice(uint32_t dev_id, int daemon_pid);
   Status StopDevice(uint32_t dev_id);
+  // User recovery of a device whose daemon died (UBLK_F_USER_RECOVERY): Start waits (up to
+  // 30 s) until the old daemon's character device is released; End waits, as StartDevice
+  // does, until every queue has fetched every tag, then makes the device live again.
+  Status StartUserRecovery(uint32_t dev_id);
+  Status EndUserRecovery(uint32_t dev_id, int daemon_pid);
   // Deletes the device; waits until /dev/ublkcN is closed (close it first).
   Status DeleteDevice(uint32_t dev_id);
   // Deletes the device once /dev/ublkcN is closed, without waiting (a daemon giving up).

@@ -23,6 +23,10 @@ inline constexpr unsigned kCmdStartDev = _IOWR('u', UBLK_CMD_START_DEV, ublksrv_
 inline constexpr unsigned kCmdStopDev = _IOWR('u', UBLK_CMD_STOP_DEV, ublksrv_ctrl_cmd);
 inline constexpr unsigned kCmdSetParams = _IOWR('u', UBLK_CMD_SET_PARAMS, ublksrv_ctrl_cmd);
 inline constexpr unsigned kCmdGetParams = _IOR('u', UBLK_CMD_GET_PARAMS, ublksrv_ctrl_cmd);
+inline constexpr unsigned kCmdStartUserRecovery =
+    _IOWR('u', UBLK_CMD_START_USER_RECOVERY, ublksrv_ctrl_cmd);
+inline constexpr unsigned kCmdEndUserRecovery =
+    _IOWR('u', UBLK_CMD_END_USER_RECOVERY, ublksrv_ctrl_cmd);
 // 6.5: the driver's feature flags as a u64.
 inline constexpr unsigned kCmdGetFeatures = _IOR('u', 0x13, ublksrv_ctrl_cmd);
 // 6.6: delete without waiting for the character device to be closed.
