@@ -7,10 +7,12 @@ absolute numbers mean nothing; the ratios within one run do. In the guest, on tm
   * img.qcow2, 512 MiB, preallocation=full (every cluster mapped: in-place I/O), made by
     qcow2kit create; raw.img, 512 MiB of zeros written by dd;
   * targets, one live at a time, in interleaved rounds (ublk, nbd, loop, ublk, ...):
-      ublk  qcow2kit ublk add --foreground img.qcow2 (direct I/O, one queue, depth 128)
+      ublk1 qcow2kit ublk add --foreground -q 1 img.qcow2 (direct I/O, depth 128)
+      ublk2 the same with -q 2 (a thread and io_uring per queue)
       nbd   qemu-nbd -f qcow2 --cache=none --aio=io_uring -c /dev/nbd0 img.qcow2
       loop  losetup --direct-io=on over raw.img
-  * fio (io_uring, direct, time based) per job; the serving process's CPU time (utime +
+  * fio (io_uring, direct, time based) per job; jobs at QD 32 run as two fio jobs of QD 16
+    (one per vCPU, so that blk-mq spreads them over the queues), reported as a group; the serving process's CPU time (utime +
     stime from /proc/PID/stat) over the job gives its CPU µs per request (loop: in-kernel,
     not measured).
 It prints per job the medians over rounds, the ratios ublk / nbd and ublk / loop (medians of
@@ -30,13 +32,13 @@ import qk_vm as VM  # noqa: E402
 
 JOBS = [  # key, fio rw, block size, queue depth
     ("randread-4k-qd1", "randread", "4k", 1),
-    ("randread-4k-qd32", "randread", "4k", 32),
+    ("randread-4k-qd32", "randread", "4k", 32),  # as 2 jobs x QD 16
     ("randwrite-4k-qd1", "randwrite", "4k", 1),
     ("randwrite-4k-qd32", "randwrite", "4k", 32),
     ("read-512k-qd8", "read", "512k", 8),
     ("write-512k-qd8", "write", "512k", 8),
 ]
-TARGETS = ("ublk", "nbd", "loop")
+TARGETS = ("ublk1", "ublk2", "nbd", "loop")
 
 GUEST = r"""
 cd /tmp
@@ -45,8 +47,8 @@ dd if=/dev/zero of=raw.img bs=1M count=512 2>/dev/null || fail setup "raw"
 ticks() {{ [ -n "$1" ] && awk '{{print $14 + $15}}' /proc/$1/stat || echo 0; }}
 up() {{
   case $1 in
-    ublk) rm -f dev.txt
-          qcow2kit ublk add --foreground img.qcow2 > dev.txt 2> ublk.err &
+    ublk*) rm -f dev.txt
+          qcow2kit ublk add --foreground -q ${{1#ublk}} img.qcow2 > dev.txt 2> ublk.err &
           PID=$!
           i=0; while [ ! -s dev.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
           DEV=$(cat dev.txt) ;;
@@ -62,7 +64,7 @@ up() {{
 }}
 down() {{
   case $1 in
-    ublk) kill -TERM $PID; wait $PID || fail down-ublk "exit $?: $(cat ublk.err)" ;;
+    ublk*) kill -TERM $PID; wait $PID || fail down-$1 "exit $?: $(cat ublk.err)" ;;
     nbd)  qemu-nbd -d /dev/nbd0 > /dev/null ;;
     loop) losetup -d "$DEV" ;;
   esac
@@ -73,8 +75,10 @@ for round in $(seq 1 {rounds}); do
     for job in {jobs}; do
       set -- $(echo $job | tr , ' ')
       before=$(ticks "$PID")
+      jobs=1; depth=$4
+      if [ $4 -ge 32 ]; then jobs=2; depth=$(($4 / 2)); fi
       line=$(fio --name=$1 --filename="$DEV" --ioengine=io_uring --direct=1 --rw=$2 --bs=$3 \
-             --iodepth=$4 --time_based --runtime={runtime} --ramp_time=1 --size=512m \
+             --iodepth=$depth --numjobs=$jobs --group_reporting --time_based --runtime={runtime} --ramp_time=1 --size=512m \
              --minimal --eta=never 2> fio.err) || fail "fio-$t-$1" "$(cat fio.err)"
       after=$(ticks "$PID")
       echo "QKVM FIO $round $t $1 $before $after $line"
@@ -127,17 +131,18 @@ def main():
         sys.exit(f"bench_ublk: {e}")
     data = parse(res.console)
     print(f"ublk benchmark: {args.rounds} rounds, {args.runtime} s per job, guest 6.12 under TCG")
-    print("| job | ublk IOPS | qemu-nbd IOPS | loop IOPS | ublk / qemu-nbd | ublk / loop | "
-          "CPU µs/req ublk | CPU µs/req qemu-nbd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| job | ublk -q1 IOPS | ublk -q2 IOPS | qemu-nbd IOPS | loop IOPS | -q1 / qemu-nbd | "
+          "-q2 / qemu-nbd | -q2 / loop | CPU µs/req -q1 | -q2 | qemu-nbd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, _, _, _ in JOBS:
         runs = {t: data.get((t, key), []) for t in TARGETS}
         med = {t: statistics.median(i for i, _ in runs[t]) for t in TARGETS}
         ratio = lambda a, b: statistics.median(x[0] / y[0] for x, y in zip(runs[a], runs[b]))
-        cpu = {t: statistics.median(c for _, c in runs[t]) for t in ("ublk", "nbd")}
-        print(f"| {key} | {med['ublk']:.0f} | {med['nbd']:.0f} | {med['loop']:.0f} | "
-              f"{ratio('ublk', 'nbd'):.2f} | {ratio('ublk', 'loop'):.2f} | "
-              f"{cpu['ublk']:.0f} | {cpu['nbd']:.0f} |")
+        cpu = {t: statistics.median(c for _, c in runs[t]) for t in ("ublk1", "ublk2", "nbd")}
+        print(f"| {key} | {med['ublk1']:.0f} | {med['ublk2']:.0f} | {med['nbd']:.0f} | "
+              f"{med['loop']:.0f} | {ratio('ublk1', 'nbd'):.2f} | {ratio('ublk2', 'nbd'):.2f} | "
+              f"{ratio('ublk2', 'loop'):.2f} | {cpu['ublk1']:.0f} | {cpu['ublk2']:.0f} | "
+              f"{cpu['nbd']:.0f} |")
 
 
 if __name__ == "__main__":
