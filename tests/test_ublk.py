@@ -23,7 +23,7 @@ with ublk_drv loaded.
               preallocated image, each checked by qemu-img afterwards
   read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, `ublk list`
               shows it live with its image and two queues (the default: one per CPU), writes are refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
-              (its pid file gone)
+              (its pid file gone); two more read-only daemons removed by `ublk del --all`
 Back on the host every image passes qemu-img check.
 
 Run: python3 tests/test_ublk.py --qcow2kit build/qcow2kit
@@ -176,6 +176,13 @@ umount /mnt
 if qcow2kit ublk del -n 3 2>/tmp/del.err && [ ! -e /dev/ublkb3 ] && [ ! -e /tmp/ro.pid ]; then
   pass ro-del
 else fail ro-del "$(cat /tmp/del.err)"; fi
+# ublk del --all: two read-only daemons of one image, both removed, both daemons gone.
+if qcow2kit ublk add -n 5 -r --pid-file /tmp/a5.pid /tmp/fs.qcow2 > /dev/null 2>/tmp/a5.err \
+    && qcow2kit ublk add -n 6 -r --pid-file /tmp/a6.pid /tmp/fs.qcow2 > /dev/null 2>/tmp/a6.err
+then pass all-add; else fail all-add "$(cat /tmp/a5.err /tmp/a6.err)"; fi
+if qcow2kit ublk del --all 2>/tmp/delall.err && [ ! -e /dev/ublkb5 ] && [ ! -e /dev/ublkb6 ] \
+    && [ ! -e /tmp/a5.pid ] && [ ! -e /tmp/a6.pid ]; then pass del-all
+else fail del-all "$(cat /tmp/delall.err; ls /dev/ublk*)"; fi
 qkvm_out /tmp/fs.qcow2 vdc
 
 # The other kinds of image: fio verify over data below (a backing file, compressed clusters,
@@ -253,7 +260,7 @@ def main():
                      "kill-fio-running", "kill-quiesced", "recover", "recover-live",
                      "kill-fio-verified", "recover-del",
                      "ext4-add", "ext4-file", "ext4-fsck", "ext4-stop", "ro-add",
-                     "list", "ro-refuses-writes", "ro-reads", "ro-del"):
+                     "list", "ro-refuses-writes", "ro-reads", "ro-del", "all-add", "del-all"):
             res.passed(name)
         for kind in kinds:
             for queues in (1, 2):

@@ -319,28 +319,61 @@ int RunServe(const UblkArgs& a, bool recover) {
   if (!a.pid_file.empty()) ::unlink(a.pid_file.c_str());
   ::unlink(StatePath(id).c_str());
   Status deleted = ctl.DeleteDevice(id);
+  if (deleted.code() == ENODEV) deleted = Status::Ok();  // `ublk del` gave up waiting for us
   if (!closed.ok()) return Fail(closed.WithContext("Could not close '" + a.image + "'"));
   if (!deleted.ok()) return Fail(deleted);
   return 0;
 }
 
-int RunDel(int64_t id) {
-  if (id < 0 || id >= INT32_MAX) return UsageError("ublk del needs -n ID", "ublk del");
-  auto control = ublk::UblkControl::Open();
-  if (!control.ok()) return Fail(control.status());
-  const uint32_t dev = static_cast<uint32_t>(id);
-  auto info = (*control)->GetInfo(dev);
-  if (!info.ok()) return Fail(info.status().WithContext(fmt::format("ublk device {}", id)));
-  Status s = (*control)->StopDevice(dev);
-  if (!s.ok()) return Fail(s);
-  // The daemon finishes, closes the image and deletes the device; if it is gone, do it here.
-  for (int i = 0; i < 600; ++i) {
-    auto still = (*control)->GetInfo(dev);
-    if (!still.ok()) return 0;
+// The ublk devices the kernel has (one /dev/ublkcN each), in order.
+std::vector<uint32_t> DeviceIds() {
+  std::vector<uint32_t> ids;
+  if (DIR* d = ::opendir("/dev")) {
+    while (dirent* e = ::readdir(d)) {
+      unsigned id;
+      char tail;
+      if (std::sscanf(e->d_name, "ublkc%u%c", &id, &tail) == 1) ids.push_back(id);
+    }
+    ::closedir(d);
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+// Stops device `dev`: its daemon finishes the requests, closes the image and deletes the
+// device, which this waits for. A device whose daemon is gone (quiesced after a crash) is
+// deleted here.
+Status StopAndRemove(ublk::UblkControl& ctl, uint32_t dev) {
+  auto info = ctl.GetInfo(dev);
+  if (!info.ok()) return info.status().WithContext(fmt::format("ublk device {}", dev));
+  const pid_t daemon = info->ublksrv_pid;
+  const bool orphan = info->state == UBLK_S_DEV_QUIESCED ||
+                      (daemon > 0 && ::kill(daemon, 0) != 0 && errno == ESRCH);
+  QK_RETURN_IF_ERROR(ctl.StopDevice(dev));
+  for (int i = 0; !orphan && i < 600; ++i) {
+    if (!ctl.GetInfo(dev).ok()) return Status::Ok();
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  s = (*control)->DeleteDevice(dev);
-  return s.ok() ? 0 : Fail(s);
+  Status s = ctl.DeleteDevice(dev);
+  return s.code() == ENODEV ? Status::Ok() : s;  // its daemon was just quicker
+}
+
+int RunDel(int64_t id, bool all) {
+  if (all == (id >= 0)) return UsageError("ublk del needs -n ID or --all", "ublk del");
+  if (id >= INT32_MAX) return UsageError(fmt::format("Invalid device id {}", id), "ublk del");
+  auto control = ublk::UblkControl::Open();
+  if (!control.ok()) return Fail(control.status());
+  if (!all) {
+    Status s = StopAndRemove(**control, static_cast<uint32_t>(id));
+    return s.ok() ? 0 : Fail(s);
+  }
+  int rc = 0;
+  for (uint32_t dev : DeviceIds()) {
+    Status s = StopAndRemove(**control, dev);
+    // Deleted meanwhile by its daemon or another del: nothing left to do.
+    if (!s.ok() && s.code() != ENODEV) rc = Fail(s);
+  }
+  return rc;
 }
 
 const char* StateName(uint16_t state) {
@@ -359,16 +392,7 @@ const char* StateName(uint16_t state) {
 int RunList(const std::string& output) {
   auto control = ublk::UblkControl::Open();
   if (!control.ok()) return Fail(control.status());
-  std::vector<uint32_t> ids;
-  if (DIR* d = ::opendir("/dev")) {
-    while (dirent* e = ::readdir(d)) {
-      unsigned id;
-      char tail;
-      if (std::sscanf(e->d_name, "ublkc%u%c", &id, &tail) == 1) ids.push_back(id);
-    }
-    ::closedir(d);
-  }
-  std::sort(ids.begin(), ids.end());
+  const std::vector<uint32_t> ids = DeviceIds();
   tools::Json list = tools::Json::array();
   std::string human = "ID  STATE     QUEUES  DEPTH  PID      IMAGE\n";
   for (uint32_t id : ids) {
@@ -395,6 +419,7 @@ int RunList(const std::string& output) {
 void AddUblkCommand(Cli& cli) {
   auto a = std::make_shared<UblkArgs>();
   auto del_id = std::make_shared<int64_t>(-1);
+  auto del_all = std::make_shared<bool>(false);
   CLI::App* cmd = cli.app.add_subcommand("ublk", "Serve an image as a Linux block device (ublk)");
   cmd->require_subcommand(1);
   // add and recover take the same options (recover keeps the device's queues and depth).
@@ -429,8 +454,11 @@ void AddUblkCommand(Cli& cli) {
   list->callback(
       [&cli, list_output] { cli.run = [list_output] { return RunList(*list_output); }; });
   CLI::App* del = cmd->add_subcommand("del", "Stop and remove a device (its daemon exits)");
-  del->add_option("-n,--number", *del_id, "Device number")->required();
-  del->callback([&cli, del_id] { cli.run = [del_id] { return RunDel(*del_id); }; });
+  del->add_option("-n,--number", *del_id, "Device number");
+  del->add_flag("-a,--all", *del_all, "Every ublk device");
+  del->callback([&cli, del_id, del_all] {
+    cli.run = [del_id, del_all] { return RunDel(*del_id, *del_all); };
+  });
 }
 
 }  // namespace qcow2kit::cli
