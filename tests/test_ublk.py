@@ -11,7 +11,8 @@ with ublk_drv loaded.
   discard     blkdiscard of 4 MiB (--discard=unmap): the range reads zeros in the guest and
               through qemu-img, and qemu-img map shows it unallocated
   zeroes      --detect-zeroes=unmap: 1 MiB of zeros written with dd over data reads zeros and
-              is unallocated in qemu-img map
+              is unallocated in qemu-img map; fallocate --punch-hole and --zero-range over data
+              too
   stop        SIGTERM to the daemon: exit 0, /dev/ublkbN gone, the image closed clean
   del-load    `ublk del` while fio writes through two queues: it returns, the device is gone,
               the daemon exits 0
@@ -19,8 +20,8 @@ with ublk_drv loaded.
               recover` makes it live again, fio finishes its writes and its verify pass;
               qemu-img check afterwards finds at most leaks
   matrix      fio verify (4 KiB QD 32 from two jobs, 64 KiB QD 1) with one queue and with two
-              over a backing file, extended L2 over a backing file, compressed clusters and a
-              preallocated image, each checked by qemu-img afterwards
+              over a backing file, extended L2 over a backing file, compressed clusters, a
+              preallocated image and an empty one, each checked by qemu-img afterwards
   read-only   `ublk add -n 3 -r` as a daemon: returns once /dev/ublkb3 is live, `ublk list`
               shows it live with its image and two queues (the default: one per CPU), writes are refused, the ext4 file reads back; `ublk del -n 3` removes it and the daemon
               (its pid file gone); two more read-only daemons removed by `ublk del --all`
@@ -93,6 +94,12 @@ else fail discard "blkdiscard: $(cat /tmp/bd.err)"; fi
 dd if=/tmp/pattern.raw of="$DEV" bs=64k seek=192 oflag=direct 2>/dev/null  # 12-13 MiB
 dd if=/dev/zero of="$DEV" bs=64k seek=192 count=16 oflag=direct conv=fsync 2>/tmp/dd.err \
     && pass zero-write || fail zero-write "$(cat /tmp/dd.err)"
+dd if=/tmp/pattern.raw of="$DEV" bs=64k seek=208 oflag=direct 2>/dev/null  # 13-14 MiB
+if /usr/bin/fallocate -p -o $((13 << 20)) -l $((512 << 10)) "$DEV" 2>/tmp/fa.err \
+    && /usr/bin/fallocate -z -o $((27 << 19)) -l $((512 << 10)) "$DEV" 2>>/tmp/fa.err; then
+  if [ "$(dd if="$DEV" bs=1M skip=13 count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]
+  then pass fallocate; else fail fallocate "punched and zeroed ranges do not read zeros"; fi
+else fail fallocate "$(cat /tmp/fa.err)"; fi
 stop_ublk main
 
 # ublk del while fio writes through both queues: no hang, the daemon exits 0, the image is
@@ -190,9 +197,9 @@ qkvm_out /tmp/fs.qcow2 vdc
 # (each in its own ranges: 1-5 MiB and 20-22 MiB, then 5-9 MiB and 22-24 MiB).
 qkvm_in vdd /tmp/base.qcow2 {base_size}
 n=4
-for kind in backing extl2 compressed prealloc; do
+for kind in backing extl2 compressed prealloc empty; do
   n=$((n + 1))
-  disk=vd$(echo abcdefgh | cut -c$n)
+  disk=vd$(echo abcdefghi | cut -c$n)
   qkvm_in $disk /tmp/$kind.qcow2 $(eval echo \$size_$kind)
   for q in 1 2; do
     start_ublk /tmp/$kind.qcow2 "-q $q" $kind-q$q
@@ -232,6 +239,7 @@ def main():
                                 backing="base.qcow2", backing_fmt="qcow2"),
             "extl2": q.create(os.path.join(tmp, "extl2.qcow2"), cwd=tmp, backing="base.qcow2",
                               backing_fmt="qcow2", extended_l2="on"),
+            "empty": q.create(os.path.join(tmp, "empty.qcow2"), 32 * MiB),
             "prealloc": q.create(os.path.join(tmp, "prealloc.qcow2"), 32 * MiB,
                                  preallocation="metadata"),
         }
@@ -246,16 +254,18 @@ def main():
                                                        pattern_size=MiB,
                                                        fs_size=os.path.getsize(fs),
                                                        base_size=os.path.getsize(base))
-        with VM.Guest(programs=[qk, "fio", "mkfs.ext4", "e2fsck", "blkdiscard"],
+        with VM.Guest(programs=[qk, "fio", "mkfs.ext4", "e2fsck", "blkdiscard",
+                                "/usr/bin/fallocate"],
                       modules=["ublk_drv", "virtio_blk", "crc32c_generic", "ext4"]) as vm:
             res = vm.run(script, disks=[img, pattern, fs, base, kinds["backing"],
-                                        kinds["extl2"], kinds["compressed"], kinds["prealloc"]],
+                                        kinds["extl2"], kinds["compressed"], kinds["prealloc"],
+                                        kinds["empty"]],
                          timeout=BOOT_TIMEOUT)
         if args.verbose:
             print(res.console)
         res.check()
         for name in ("boot-ublk-control", "boot-binary", "main-add", "fio-4k-qd32",
-                     "fio-64k-qd1", "fio-16k-qd8", "pattern-write", "discard", "zero-write",
+                     "fio-64k-qd1", "fio-16k-qd8", "pattern-write", "discard", "zero-write", "fallocate",
                      "main-stop", "load-add", "load-del", "load-daemon-exit", "kill-add",
                      "kill-fio-running", "kill-quiesced", "recover", "recover-live",
                      "kill-fio-verified", "recover-del",
@@ -285,18 +295,20 @@ def main():
             written = f.read(MiB)
             f.seek(8 * MiB)
             discarded = f.read(4 * MiB)
-            zeroed = f.read(MiB)
+            zeroed = f.read(2 * MiB)
         with open(pattern, "rb") as f:
             T.check(written == f.read(), "qemu-img does not read the pattern the guest wrote")
         T.check(discarded == bytes(4 * MiB), "qemu-img does not read zeros where the guest "
                                              "discarded")
-        T.check(zeroed == bytes(MiB), "qemu-img does not read the zeros the guest wrote")
+        T.check(zeroed == bytes(2 * MiB), "qemu-img does not read the zeros the guest wrote, "
+                                          "punched or zeroed")
         mapped = q.map(img)
         T.check(not any(e["data"] and e["start"] < 12 * MiB and e["start"] + e["length"] > 8 * MiB
                         for e in mapped), f"the discarded range is still allocated: {mapped}")
-        # --detect-zeroes=unmap with --discard=unmap: the zeros written over data let it go.
-        T.check(not any(e["data"] and e["start"] < 13 * MiB and e["start"] + e["length"] > 12 * MiB
-                        for e in mapped), f"the zeroed range is still allocated: {mapped}")
+        # --detect-zeroes=unmap with --discard=unmap: the zeros written over data let it go;
+        # fallocate's punch and zero range leave no data either.
+        T.check(not any(e["data"] and e["start"] < 14 * MiB and e["start"] + e["length"] > 12 * MiB
+                        for e in mapped), f"the zeroed range still holds data: {mapped}")
     R.finish()
 
 

@@ -81,6 +81,9 @@ class FormatDriver {
   // refuses (EIO) a write that would land on the image's metadata, which only a damaged
   // mapping can ask for, and marks the image corrupt.
   virtual Task<Status> GuardDataWrite(uint8_t file_index, uint64_t host_offset, uint64_t length);
+  // Moves whenever a write GuardDataWrite allowed might be refused now (metadata placed
+  // somewhere new, the image found corrupt): for those who keep its answers (SharedDevice).
+  virtual uint64_t guard_generation() const { return 0; }
   // Makes everything committed so far durable: metadata written in dependency order, files
   // synced.
   virtual Task<Status> Flush();

@@ -21,6 +21,10 @@
 // moves to a new pin after a number of changes (the owner nudges idle ones), so that
 // quarantined clusters do not wait for long.
 //
+// Writes checked against the image's metadata (GuardDataWrite) when they were looked up stay
+// checked until the driver's guard generation moves (new L2 tables or refcount blocks, the
+// image found corrupt); the owner then logs a change of the whole device.
+//
 // Mapping-changing operations must all come through ports (not the BlockDevice directly)
 // while ports are attached.
 #pragma once
@@ -91,6 +95,11 @@ class SharedDevice {
   // Owner thread: brackets an operation that may change the mapping of `range`.
   void BeginChange(const Range& range);
   void EndChange(const Range& range);
+  // Owner thread, after anything that may place metadata or find the image corrupt: if the
+  // driver's guard generation moved, logs a change of the whole device, so that no port keeps
+  // writing through extents checked against the old metadata.
+  void NoteGuardChanges();
+  Task<Status> FlushOnOwner();
   // Owner thread: the mapping of [offset, offset + length) for `port`, under a pin;
   // `for_write` also runs the metadata-overlap check on its writable data extents.
   Task<Refresh> FetchFor(Port* port, uint64_t offset, uint64_t length, bool for_write);
@@ -109,6 +118,7 @@ class SharedDevice {
   std::deque<LoggedChange> log_;  // guarded by log_mu_: the latest changes, oldest first
   // Owner thread only:
   uint64_t version_ = 0;
+  uint64_t guard_generation_ = 0;
   uint64_t next_pin_ = 1;
   std::vector<Range> changes_;         // in flight
   std::vector<ActiveFetch*> fetches_;  // in flight

@@ -105,7 +105,8 @@ Result<std::unique_ptr<SharedDevice>> SharedDevice::Create(BlockDevice* dev) {
   return shared;
 }
 
-SharedDevice::SharedDevice(BlockDevice* dev) : dev_(dev) {}
+SharedDevice::SharedDevice(BlockDevice* dev)
+    : dev_(dev), guard_generation_(dev->top().guard_generation()) {}
 SharedDevice::~SharedDevice() = default;
 
 void SharedDevice::Stop() {
@@ -153,6 +154,21 @@ void SharedDevice::EndChange(const Range& range) {
   }
 }
 
+void SharedDevice::NoteGuardChanges() {
+  const uint64_t now = dev_->top().guard_generation();
+  if (now == guard_generation_) return;
+  guard_generation_ = now;
+  const Range all{0, dev_->size()};
+  BeginChange(all);  // spoils the lookups in flight too
+  EndChange(all);
+}
+
+Task<Status> SharedDevice::FlushOnOwner() {
+  Status s = co_await dev_->Flush();
+  NoteGuardChanges();
+  co_return s;
+}
+
 Task<SharedDevice::Refresh> SharedDevice::FetchFor(Port* port, uint64_t offset, uint64_t length,
                                                    bool for_write) {
   Refresh r;
@@ -189,6 +205,8 @@ Task<SharedDevice::Refresh> SharedDevice::FetchFor(Port* port, uint64_t offset, 
       if (!g.ok()) e.writable = false;
     }
   }
+  // The guard may have found the image corrupt: the writes other ports checked go too.
+  if (for_write) NoteGuardChanges();
   fetches_.erase(std::find(fetches_.begin(), fetches_.end(), &fetch));
   if (fetch.spoiled) r.usable = false;
   r.version = version_;
@@ -220,6 +238,7 @@ Task<SharedDevice::ChangeResult> SharedDevice::RunChange(
   BeginChange(range);
   Status s = co_await op(dev_);
   EndChange(range);
+  NoteGuardChanges();
   ChangeResult out{std::move(s), {}};
   if (refresh.lo < refresh.hi) {
     out.refresh = co_await FetchFor(port, refresh.lo, refresh.hi - refresh.lo, /*for_write=*/true);
@@ -359,6 +378,10 @@ void SharedDevice::Port::Accept(const Refresh& r) {
   }
   // Changes this port has already applied that ended after the lookup.
   if (r.version < cache_version_) ReplayLog(r.version, r.range);
+  // A pin first seen here may already be old enough to move off (its nudge went before).
+  if (current_pin_ != 0 && pins_[current_pin_].version + kRotateAfter <= cache_version_) {
+    Rotate();
+  }
 }
 
 Task<void> SharedDevice::Port::RefreshRange(uint64_t offset, uint64_t length, bool for_write) {
@@ -480,6 +503,7 @@ Task<Status> SharedDevice::Port::ChangeOnOwner(uint64_t offset, uint64_t length,
 }
 
 Task<Status> SharedDevice::Port::Read(uint64_t offset, std::span<std::byte> buf) {
+  if (buf.empty()) co_return Status::Ok();  // nothing to map (and no pin to count it under)
   std::vector<Piece> pieces;
   uint64_t pin = 0;
   for (int attempt = 0; attempt < 2; ++attempt) {
@@ -500,6 +524,11 @@ Task<Status> SharedDevice::Port::Read(uint64_t offset, std::span<std::byte> buf)
 }
 
 Task<Status> SharedDevice::Port::Write(uint64_t offset, std::span<const std::byte> buf, bool fua) {
+  if (buf.empty()) {
+    if (!fua) co_return Status::Ok();
+    Status s = co_await Flush();
+    co_return s;
+  }
   const bool aligned_buffer = Aligned(reinterpret_cast<uintptr_t>(buf.data()));
   std::vector<Piece> pieces;
   uint64_t pin = 0;
@@ -540,8 +569,8 @@ Task<Status> SharedDevice::Port::Discard(uint64_t offset, uint64_t length) {
 
 Task<Status> SharedDevice::Port::Flush() {
   ++stats_.owner_ops;
-  BlockDevice* dev = shared_->dev_;
-  std::function<Task<Status>()> flush = [dev] { return dev->Flush(); };
+  SharedDevice* shared = shared_;
+  std::function<Task<Status>()> flush = [shared] { return shared->FlushOnOwner(); };
   Status s = co_await OnOwner(std::move(flush));
   co_return s;
 }

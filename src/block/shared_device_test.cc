@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <latch>
 #include <random>
 #include <string>
@@ -291,6 +292,77 @@ TEST(SharedDeviceRewriteTest, OverwritesStayOnThePortsRing) {
   // requests) and nothing else. Lookups: a few per port and range, not one per request.
   EXPECT_LT(stats.owner_ops, stats.fast_writes);
   EXPECT_LT(stats.refreshes, stats.fast_writes + stats.fast_reads);
+}
+
+// Serves `fn` with one port on the owner's reactor, then detaches and stops.
+void WithOwnPort(Reactor* reactor, BlockDevice* dev, std::function<Task<void>(Port*)> fn) {
+  auto shared = SharedDevice::Create(dev);
+  ASSERT_TRUE(shared.ok()) << shared.status().ToString();
+  auto port = (*shared)->Attach();
+  ASSERT_TRUE(port.ok());
+  reactor->BlockOn(fn(port->get()));
+  (*port)->Detach();
+  while ((*shared)->ports() > 0) reactor->RunOnce(true);
+  (*shared)->Stop();
+  reactor->RunUntilIdle();
+}
+
+// Empty requests complete at once and take no pin (a pin counted for an empty request once
+// wrapped the port's record of retired pins).
+TEST(SharedDeviceEdgeTest, EmptyRequestsComplete) {
+  testing::ScratchDir dir;
+  testing::MustRun("cd " + dir.path() + " && qemu-img create -q -f qcow2 img.qcow2 4M");
+  auto reactor = testing::NewReactor();
+  OpenOptions o;
+  o.writable = true;
+  auto img = reactor->BlockOn(OpenImage(dir / "img.qcow2", o));
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  BlockDevice dev(std::move(*img));
+  WithOwnPort(reactor.get(), &dev, [](Port* port) -> Task<void> {
+    AlignedBuffer none;
+    Status r = co_await port->Read(4096, none.span());
+    EXPECT_TRUE(r.ok()) << r.ToString();
+    Status w = co_await port->Write(4096, none.span(), /*fua=*/true);
+    EXPECT_TRUE(w.ok()) << w.ToString();
+    EXPECT_EQ(port->stats().fast_reads + port->stats().fast_writes, 0u);
+  });
+  EXPECT_TRUE(reactor->BlockOn(dev.Close()).ok());
+}
+
+// A port that checked a cluster for writing stops writing to it once another write finds the
+// image damaged: as without ports, every write of a corrupt image is refused.
+TEST(SharedDeviceEdgeTest, CorruptImageRefusesCachedWrites) {
+  testing::ScratchDir dir;
+  testing::MustRun("cd " + dir.path() + " && qemu-img create -q -f qcow2 img.qcow2 4M && " +
+                   "qemu-io -c 'write -P 1 0 64k' -c 'write -P 2 1M 64k' img.qcow2 >/dev/null");
+  // The L2 entry of guest 1 MiB pointed at the first refcount block.
+  testing::MustRun("cd " + dir.path() +
+                   " && python3 -c \"import struct;f=open('img.qcow2','r+b');h=f.read(56);"
+                   "l1=struct.unpack('>Q',h[40:48])[0];rt=struct.unpack('>Q',h[48:56])[0];"
+                   "f.seek(rt);rb=struct.unpack('>Q',f.read(8))[0];f.seek(l1);"
+                   "l2=struct.unpack('>Q',f.read(8))[0]&0xfffffffffe00;f.seek(l2+16*8);"
+                   "f.write(struct.pack('>Q',rb|(1<<63)))\"");
+  auto reactor = testing::NewReactor();
+  OpenOptions o;
+  o.writable = true;
+  auto img = reactor->BlockOn(OpenImage(dir / "img.qcow2", o));
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  BlockDevice dev(std::move(*img));
+  WithOwnPort(reactor.get(), &dev, [](Port* port) -> Task<void> {
+    AlignedBuffer data(4096);
+    std::memset(data.data(), 0x33, data.size());
+    for (int i = 0; i < 2; ++i) {
+      Status s = co_await port->Write(0, data.span());
+      EXPECT_TRUE(s.ok()) << s.ToString();
+    }
+    EXPECT_EQ(port->stats().fast_writes, 2u) << "the writes did not go out on the port's ring";
+    Status damaged = co_await port->Write(1 << 20, data.span());
+    EXPECT_EQ(damaged.code(), EIO) << damaged.ToString();
+    Status after = co_await port->Write(0, data.span());
+    EXPECT_EQ(after.code(), EIO) << "a cached write went through on a corrupt image";
+    EXPECT_EQ(port->stats().fast_writes, 2u);
+  });
+  (void)reactor->BlockOn(dev.Close());
 }
 
 std::vector<SharedCase> Cases() {

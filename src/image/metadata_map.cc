@@ -28,12 +28,14 @@ const char* MetadataMap::Name(Kind k) {
 }
 
 void MetadataMap::Clear() {
+  ++generation_;
   ranges_.clear();
   tables_.clear();
 }
 
 void MetadataMap::AddRange(Kind kind, uint64_t offset, uint64_t length) {
   if (length == 0) return;
+  ++generation_;
   const uint64_t first = offset >> cluster_bits_;
   const uint64_t end = ((offset + length - 1) >> cluster_bits_) + 1;
   if (kind == kActiveL2 || kind == kRefcountBlock) {

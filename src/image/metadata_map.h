@@ -48,6 +48,9 @@ class MetadataMap {
   // The first kind (not in `ignore`, a mask of Bit()s) whose clusters the clusters of
   // [offset, offset + length) touch; kNone if none.
   Kind Find(uint64_t offset, uint64_t length, unsigned ignore = 0) const;
+  // Moves whenever a structure is added or the map cleared: what Find() allowed before may
+  // be refused now.
+  uint64_t generation() const { return generation_; }
 
  private:
   struct Range {
@@ -55,6 +58,7 @@ class MetadataMap {
     Kind kind;
   };
   uint32_t cluster_bits_;
+  uint64_t generation_ = 0;
   std::vector<Range> ranges_;                      // the few multi-cluster structures
   std::unordered_map<uint64_t, unsigned> tables_;  // cluster -> mask of kinds
 };

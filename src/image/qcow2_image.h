@@ -63,6 +63,9 @@ class Qcow2Image final : public FormatDriver {
   Task<Status> Flush() override;
   Task<Status> Close() override;
   Task<Status> GuardDataWrite(uint8_t file_index, uint64_t host_offset, uint64_t length) override;
+  uint64_t guard_generation() const override {
+    return metadata_map_.generation() * 2 + (corruption_.empty() ? 0 : 1);
+  }
   bool has_backing() const { return parsed_.backing_file.has_value(); }
 
   // ---- Check and repair (qcow2_check.cc) ----

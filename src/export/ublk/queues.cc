@@ -34,12 +34,18 @@ void ServeQueue(int char_fd, SharedDevice* shared, QueueOptions options, Status*
   auto queue = UblkQueue::Create(char_fd, port->get(), options);
   if (!queue.ok()) {
     *started = queue.status();
-  } else {
-    (*queue)->Start();
+    ready->count_down();
+    // The process ends without serving (see Start): the shared device may be gone already,
+    // so its port must not detach, and the reactor, whose inbox poll never completes, must
+    // not wait for it.
+    (void)port->release();
+    (void)reactor->release();
+    return;
   }
+  (*queue)->Start();
   ready->count_down();
   // The fetches go out on this reactor's first turn; they end when the device stops.
-  while (queue.ok() && (*queue)->running() > 0) (*reactor)->RunOnce(true);
+  while ((*queue)->running() > 0) (*reactor)->RunOnce(true);
   (*port)->Detach();
   (*reactor)->RunUntilIdle();  // the port's message loop ends once the owner let it go
 }
@@ -79,7 +85,12 @@ Result<std::unique_ptr<UblkQueues>> UblkQueues::Start(int char_fd, BlockDevice* 
   } else if (failed.ok()) {
     failed = port.status();
   }
-  if (!failed.ok()) return failed;  // the destructor stops what started
+  if (!failed.ok()) {
+    // Queue threads that started use the shared device until the process ends: keep it.
+    (void)q->shared_.release();
+    (void)q->own_port_.release();
+    return failed;
+  }
   q->own_queue_->Start();
   return q;
 }
