@@ -24,8 +24,15 @@ class UringEngine final : public Engine {
 
   static Result<std::unique_ptr<Engine>> Create(unsigned entries) {
     auto e = std::unique_ptr<UringEngine>(new UringEngine());
-    int r = io_uring_queue_init(entries, &e->ring_, 0);
+    // Completions that need the task's own work (driver commands such as ublk's) wait for
+    // our next entry into the kernel instead of interrupting the thread; the kernel flags
+    // when such work is pending so that a turn without a system call can still go and get it
+    // (Linux 5.19; older kernels refuse the flags).
+    int r = io_uring_queue_init(entries, &e->ring_,
+                                IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG);
+    if (r == -EINVAL) r = io_uring_queue_init(entries, &e->ring_, 0);
     if (r < 0) return Status::FromErrno(-r, "io_uring_queue_init");
+    e->taskrun_flag_ = (e->ring_.flags & IORING_SETUP_TASKRUN_FLAG) != 0;
     e->initialized_ = true;
     return std::unique_ptr<Engine>(std::move(e));
   }
@@ -86,8 +93,11 @@ class UringEngine final : public Engine {
 
   size_t Poll(bool wait) override {
     if (unsubmitted_ > 0 || (wait && in_flight_ > 0)) {
-      int r = wait && in_flight_ > 0 ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
+      int r =
+          wait && in_flight_ > 0 ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
       if (r >= 0 || r == -EINTR || r == -EAGAIN || r == -EBUSY) unsubmitted_ = 0;
+    } else if (taskrun_flag_ && (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN)) {
+      io_uring_get_events(&ring_);  // completions waiting for us to run their task work
     }
     size_t done = 0;
     // Completing a request resumes its coroutine, which may submit more; collect first.
@@ -135,6 +145,7 @@ class UringEngine final : public Engine {
   bool initialized_ = false;
   size_t in_flight_ = 0;
   size_t unsubmitted_ = 0;
+  bool taskrun_flag_ = false;  // IORING_SETUP_TASKRUN_FLAG is on
 };
 
 }  // namespace
