@@ -105,7 +105,7 @@ class SharedDevice {
   Task<Refresh> FetchFor(Port* port, uint64_t offset, uint64_t length, bool for_write);
   // Owner thread: runs `op` as a change of `range`, then looks up `refresh` (if not empty).
   Task<ChangeResult> RunChange(Port* port, Range range, Range refresh,
-                               std::function<Task<Status>(BlockDevice*)> op);
+                               const std::function<Task<Status>(BlockDevice*)>* op);
   void Release(Port* port, uint64_t pin);
   void Detach(Port* port);
 
@@ -171,7 +171,7 @@ class SharedDevice::Port {
   Port(SharedDevice* shared, std::unique_ptr<Inbox> inbox, bool on_owner);
   // Runs `op` on the owner's reactor and resumes here with its result.
   template <typename T>
-  Task<T> OnOwner(std::function<Task<T>()> op);
+  Task<T> OnOwner(const std::function<Task<T>()>* op);
   // Runs `fn` on the owner's thread, inline if this is it.
   void ToOwner(std::function<void()> fn);
   // Applies the owner's change log since cache_version_; moves to a new pin if it is old.
@@ -197,7 +197,7 @@ class SharedDevice::Port {
   // Runs a mapping-changing operation of [offset, offset + length) on the owner; with
   // `refresh`, the range's new mapping comes back with the result.
   Task<Status> ChangeOnOwner(uint64_t offset, uint64_t length, bool refresh,
-                             std::function<Task<Status>(BlockDevice*)> op);
+                             const std::function<Task<Status>(BlockDevice*)>* op);
 
   SharedDevice* shared_;
   std::unique_ptr<Inbox> inbox_;

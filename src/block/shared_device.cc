@@ -75,7 +75,7 @@ struct SharedDevice::Port::Piece {
 template <typename T>
 struct SharedDevice::Port::OwnerCall {
   Port* port;
-  std::function<Task<T>()> op;
+  const std::function<Task<T>()>* op;  // the caller's, alive until it resumes
   std::optional<T> result;
 
   bool await_ready() const noexcept { return false; }
@@ -87,7 +87,7 @@ struct SharedDevice::Port::OwnerCall {
   T await_resume() { return std::move(*result); }
 
   static Task<void> RunThenReply(OwnerCall* call, std::coroutine_handle<> h, Inbox* reply) {
-    T r = co_await call->op();
+    T r = co_await (*call->op)();
     call->result.emplace(std::move(r));
     // `call` lives in the waiting frame: not touched once the reply is posted.
     reply->Post([h] { Reactor::Current()->Post(h); });
@@ -234,9 +234,9 @@ void SharedDevice::Detach(Port* port) {
 }
 
 Task<SharedDevice::ChangeResult> SharedDevice::RunChange(
-    Port* port, Range range, Range refresh, std::function<Task<Status>(BlockDevice*)> op) {
+    Port* port, Range range, Range refresh, const std::function<Task<Status>(BlockDevice*)>* op) {
   BeginChange(range);
-  Status s = co_await op(dev_);
+  Status s = co_await (*op)(dev_);
   EndChange(range);
   NoteGuardChanges();
   ChangeResult out{std::move(s), {}};
@@ -248,8 +248,9 @@ Task<SharedDevice::ChangeResult> SharedDevice::RunChange(
 
 // ---- A port ----
 //
-// (GCC 12 destroys a temporary std::function built inside a co_await expression twice: every
-// function handed to OnOwner / ChangeOnOwner is a named local first.)
+// (GCC 12 destroys a temporary built inside a co_await expression twice: every function
+// handed to OnOwner / ChangeOnOwner is a named local of the caller, passed by pointer, which
+// lives until the call resumes it.)
 
 SharedDevice::Port::Port(SharedDevice* shared, std::unique_ptr<Inbox> inbox, bool on_owner)
     : shared_(shared),
@@ -261,12 +262,12 @@ SharedDevice::Port::Port(SharedDevice* shared, std::unique_ptr<Inbox> inbox, boo
 SharedDevice::Port::~Port() = default;
 
 template <typename T>
-Task<T> SharedDevice::Port::OnOwner(std::function<Task<T>()> op) {
+Task<T> SharedDevice::Port::OnOwner(const std::function<Task<T>()>* op) {
   if (on_owner_) {
-    T r = co_await op();
+    T r = co_await (*op)();
     co_return r;
   }
-  OwnerCall<T> call{this, std::move(op), {}};
+  OwnerCall<T> call{this, op, {}};
   T r = co_await call;
   co_return r;
 }
@@ -396,7 +397,7 @@ Task<void> SharedDevice::Port::RefreshRange(uint64_t offset, uint64_t length, bo
   std::function<Task<Refresh>()> fetch = [shared, self, lo, hi, for_write] {
     return shared->FetchFor(self, lo, hi - lo, for_write);
   };
-  Refresh r = co_await OnOwner(std::move(fetch));
+  Refresh r = co_await OnOwner(&fetch);
   Accept(r);
 }
 
@@ -486,8 +487,9 @@ Task<Status> SharedDevice::Port::FastWrite(uint64_t offset, std::span<const std:
   co_return s;
 }
 
-Task<Status> SharedDevice::Port::ChangeOnOwner(uint64_t offset, uint64_t length, bool refresh,
-                                               std::function<Task<Status>(BlockDevice*)> op) {
+Task<Status> SharedDevice::Port::ChangeOnOwner(
+    uint64_t offset, uint64_t length, bool refresh,
+    const std::function<Task<Status>(BlockDevice*)>* op) {
   ++stats_.owner_ops;
   SharedDevice* shared = shared_;
   Port* self = this;
@@ -497,7 +499,7 @@ Task<Status> SharedDevice::Port::ChangeOnOwner(uint64_t offset, uint64_t length,
   std::function<Task<ChangeResult>()> change = [shared, self, changed, lookup, op] {
     return shared->RunChange(self, changed, lookup, op);
   };
-  ChangeResult out = co_await OnOwner(std::move(change));
+  ChangeResult out = co_await OnOwner(&change);
   if (refresh) Accept(out.refresh);
   co_return out.status;
 }
@@ -519,7 +521,7 @@ Task<Status> SharedDevice::Port::Read(uint64_t offset, std::span<std::byte> buf)
   ++stats_.owner_ops;
   BlockDevice* dev = shared_->dev_;
   std::function<Task<Status>()> read = [dev, offset, buf] { return dev->Read(offset, buf); };
-  Status s = co_await OnOwner(std::move(read));
+  Status s = co_await OnOwner(&read);
   co_return s;
 }
 
@@ -546,7 +548,7 @@ Task<Status> SharedDevice::Port::Write(uint64_t offset, std::span<const std::byt
   std::function<Task<Status>(BlockDevice*)> write = [offset, buf, fua](BlockDevice* d) {
     return d->Write(offset, buf, fua);
   };
-  Status s = co_await ChangeOnOwner(offset, buf.size(), /*refresh=*/true, std::move(write));
+  Status s = co_await ChangeOnOwner(offset, buf.size(), /*refresh=*/true, &write);
   co_return s;
 }
 
@@ -555,7 +557,7 @@ Task<Status> SharedDevice::Port::WriteZeroes(uint64_t offset, uint64_t length, b
   std::function<Task<Status>(BlockDevice*)> zeroes = [=](BlockDevice* d) {
     return d->WriteZeroes(offset, length, may_unmap, fua);
   };
-  Status s = co_await ChangeOnOwner(offset, length, /*refresh=*/false, std::move(zeroes));
+  Status s = co_await ChangeOnOwner(offset, length, /*refresh=*/false, &zeroes);
   co_return s;
 }
 
@@ -563,7 +565,7 @@ Task<Status> SharedDevice::Port::Discard(uint64_t offset, uint64_t length) {
   std::function<Task<Status>(BlockDevice*)> discard = [=](BlockDevice* d) {
     return d->Discard(offset, length);
   };
-  Status s = co_await ChangeOnOwner(offset, length, /*refresh=*/false, std::move(discard));
+  Status s = co_await ChangeOnOwner(offset, length, /*refresh=*/false, &discard);
   co_return s;
 }
 
@@ -571,7 +573,7 @@ Task<Status> SharedDevice::Port::Flush() {
   ++stats_.owner_ops;
   SharedDevice* shared = shared_;
   std::function<Task<Status>()> flush = [shared] { return shared->FlushOnOwner(); };
-  Status s = co_await OnOwner(std::move(flush));
+  Status s = co_await OnOwner(&flush);
   co_return s;
 }
 
