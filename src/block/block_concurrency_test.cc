@@ -3,7 +3,7 @@
 // copy-on-write, preallocated and partly allocated subclustered clusters). No write may be
 // lost, and at the end qemu-img check finds no errors or leaks and compare finds no
 // difference.
-#include <fstream>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -21,7 +21,9 @@ struct ConcurrencyCase {
   std::string name;
   std::vector<std::string> setup;  // makes img.qcow2 in the scratch dir
 };
-void PrintTo(const ConcurrencyCase& c, std::ostream* os) { *os << c.name; }
+void PrintTo(const ConcurrencyCase& c, std::ostream* os) {
+  *os << c.name;
+}
 
 class ConcurrencyTest : public ::testing::TestWithParam<ConcurrencyCase> {};
 
@@ -102,16 +104,7 @@ TEST_P(ConcurrencyTest, ConcurrentWritesAreNotLost) {
   Status s = (*reactor)->BlockOn(dev.Close());
   ASSERT_TRUE(s.ok()) << s.ToString();
   dev_owner.reset();  // closes the files, dropping the image locks qemu-img below would meet
-  {
-    std::ofstream f(dir / "model.raw", std::ios::binary | std::ios::trunc);
-    f.write(reinterpret_cast<const char*>(model.data()), model.size());
-  }
-  std::string out;
-  int rc = testing::Run("cd " + dir.path() + " && qemu-img check img.qcow2", &out);
-  EXPECT_EQ(rc, 0) << out;
-  rc = testing::Run("cd " + dir.path() + " && qemu-img compare -f raw -F qcow2 model.raw img.qcow2",
-                    &out);
-  EXPECT_EQ(rc, 0) << out;
+  testing::ExpectImageMatchesModel(dir, model.data(), model.size());
 }
 
 std::vector<ConcurrencyCase> Cases() {

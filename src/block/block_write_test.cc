@@ -3,7 +3,7 @@
 // After every step what qcow2kit reads equals the model; at the end qemu-img check finds no
 // errors or leaks, qemu-img compare finds the image equal to the model, and every range
 // qemu-img map reports as zero is zero in the model.
-#include <fstream>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -140,18 +140,10 @@ TEST_P(ModelTest, RandomOperationsMatchTheModel) {
   CheckRange(0, model_.size(), "all steps");
   ASSERT_TRUE(reactor_->BlockOn(dev_->Close()).ok());
   dev_.reset();
-  {
-    std::ofstream f(dir_ / "model.raw", std::ios::binary | std::ios::trunc);
-    f.write(reinterpret_cast<const char*>(model_.data()), model_.size());
-  }
-  std::string out;
-  int rc = testing::Run("cd " + dir_.path() + " && qemu-img check img.qcow2", &out);
-  EXPECT_EQ(rc, 0) << out;
-  rc = testing::Run("cd " + dir_.path() + " && qemu-img compare -f raw -F qcow2 model.raw img.qcow2",
-                    &out);
-  EXPECT_EQ(rc, 0) << out;
+  testing::ExpectImageMatchesModel(dir_, model_.data(), model_.size());
   // qemu-img map agrees on zero versus data: every range it reports as zero is zero.
-  rc = testing::Run("cd " + dir_.path() + " && qemu-img map --output=json img.qcow2", &out);
+  std::string out;
+  int rc = testing::Run("cd " + dir_.path() + " && qemu-img map --output=json img.qcow2", &out);
   ASSERT_EQ(rc, 0) << out;
   auto map = nlohmann::json::parse(out, nullptr, false);
   ASSERT_TRUE(map.is_array()) << out;

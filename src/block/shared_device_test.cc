@@ -7,7 +7,7 @@
 #include "qcow2kit/shared_device.h"
 
 #include <cstring>
-#include <fstream>
+#include <ostream>
 #include <functional>
 #include <latch>
 #include <random>
@@ -255,17 +255,7 @@ Port::Stats RunThreads(const testing::ScratchDir& dir, bool rewrite_only) {
   Status s = reactor->BlockOn(dev->Close());
   EXPECT_TRUE(s.ok()) << s.ToString();
   dev.reset();  // closes the files, dropping the image locks qemu-img below would meet
-  {
-    std::ofstream f(dir / "model.raw", std::ios::binary | std::ios::trunc);
-    f.write(reinterpret_cast<const char*>(model.data()),
-            static_cast<std::streamsize>(model.size()));
-  }
-  std::string out;
-  int rc = testing::Run("cd " + dir.path() + " && qemu-img check img.qcow2", &out);
-  EXPECT_EQ(rc, 0) << out;
-  rc = testing::Run("cd " + dir.path() + " && qemu-img compare -f raw -F qcow2 model.raw img.qcow2",
-                    &out);
-  EXPECT_EQ(rc, 0) << out;
+  testing::ExpectImageMatchesModel(dir, model.data(), model.size());
   return total;
 }
 

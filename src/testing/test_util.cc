@@ -32,6 +32,18 @@ int Run(const std::string& cmd, std::string* out) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+void ExpectImageMatchesModel(const ScratchDir& dir, const void* model, size_t size) {
+  {
+    std::ofstream f(dir / "model.raw", std::ios::binary | std::ios::trunc);
+    f.write(static_cast<const char*>(model), static_cast<std::streamsize>(size));
+  }
+  std::string out;
+  int rc = Run("cd " + dir.path() + " && qemu-img check img.qcow2", &out);
+  EXPECT_EQ(rc, 0) << out;
+  rc = Run("cd " + dir.path() + " && qemu-img compare -f raw -F qcow2 model.raw img.qcow2", &out);
+  EXPECT_EQ(rc, 0) << out;
+}
+
 void MustRun(const std::string& cmd) {
   std::string out;
   int rc = Run(cmd, &out);

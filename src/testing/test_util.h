@@ -28,6 +28,10 @@ int Run(const std::string& cmd, std::string* out = nullptr);
 // Runs `cmd` and fails the current test if it does not exit 0.
 void MustRun(const std::string& cmd);
 std::vector<uint8_t> ReadWholeFile(const std::string& path);
+// Writes `size` bytes of `model` to dir/model.raw, then fails the current test unless
+// `qemu-img check` finds dir/img.qcow2 clean and `qemu-img compare` finds it equal to the
+// model. The image must be closed (its locks dropped) first.
+void ExpectImageMatchesModel(const ScratchDir& dir, const void* model, size_t size);
 
 // A reactor on io_uring (or on `kind`), aborting with the reason if the kernel refuses it:
 // a test that asks for io_uring never runs on the blocking engine unnoticed.
