@@ -7,9 +7,9 @@
 #include "qcow2kit/shared_device.h"
 
 #include <cstring>
-#include <ostream>
 #include <functional>
 #include <latch>
+#include <ostream>
 #include <random>
 #include <string>
 #include <thread>
@@ -284,17 +284,25 @@ TEST(SharedDeviceRewriteTest, OverwritesStayOnThePortsRing) {
   EXPECT_LT(stats.refreshes, stats.fast_writes + stats.fast_reads);
 }
 
-// Serves `fn` with one port on the owner's reactor, then detaches and stops.
-void WithOwnPort(Reactor* reactor, BlockDevice* dev, std::function<Task<void>(Port*)> fn) {
-  auto shared = SharedDevice::Create(dev);
-  ASSERT_TRUE(shared.ok()) << shared.status().ToString();
+// Opens dir/img.qcow2 writable and serves `fn` with one port on the owner's reactor; then
+// detaches, stops and closes the image, returning how the close went.
+Status WithOwnPort(const testing::ScratchDir& dir, std::function<Task<void>(Port*)> fn) {
+  auto reactor = testing::NewReactor();
+  OpenOptions o;
+  o.writable = true;
+  auto img = reactor->BlockOn(OpenImage(dir / "img.qcow2", o));
+  if (!img.ok()) return img.status();
+  BlockDevice dev(std::move(*img));
+  auto shared = SharedDevice::Create(&dev);
+  if (!shared.ok()) return shared.status();
   auto port = (*shared)->Attach();
-  ASSERT_TRUE(port.ok());
+  if (!port.ok()) return port.status();
   reactor->BlockOn(fn(port->get()));
   (*port)->Detach();
   while ((*shared)->ports() > 0) reactor->RunOnce(true);
   (*shared)->Stop();
   reactor->RunUntilIdle();
+  return reactor->BlockOn(dev.Close());
 }
 
 // Empty requests complete at once and take no pin (a pin counted for an empty request once
@@ -302,13 +310,7 @@ void WithOwnPort(Reactor* reactor, BlockDevice* dev, std::function<Task<void>(Po
 TEST(SharedDeviceEdgeTest, EmptyRequestsComplete) {
   testing::ScratchDir dir;
   testing::MustRun("cd " + dir.path() + " && qemu-img create -q -f qcow2 img.qcow2 4M");
-  auto reactor = testing::NewReactor();
-  OpenOptions o;
-  o.writable = true;
-  auto img = reactor->BlockOn(OpenImage(dir / "img.qcow2", o));
-  ASSERT_TRUE(img.ok()) << img.status().ToString();
-  BlockDevice dev(std::move(*img));
-  WithOwnPort(reactor.get(), &dev, [](Port* port) -> Task<void> {
+  Status closed = WithOwnPort(dir, [](Port* port) -> Task<void> {
     AlignedBuffer none;
     Status r = co_await port->Read(4096, none.span());
     EXPECT_TRUE(r.ok()) << r.ToString();
@@ -316,7 +318,7 @@ TEST(SharedDeviceEdgeTest, EmptyRequestsComplete) {
     EXPECT_TRUE(w.ok()) << w.ToString();
     EXPECT_EQ(port->stats().fast_reads + port->stats().fast_writes, 0u);
   });
-  EXPECT_TRUE(reactor->BlockOn(dev.Close()).ok());
+  EXPECT_TRUE(closed.ok()) << closed.ToString();
 }
 
 // A port that checked a cluster for writing stops writing to it once another write finds the
@@ -332,13 +334,7 @@ TEST(SharedDeviceEdgeTest, CorruptImageRefusesCachedWrites) {
                    "f.seek(rt);rb=struct.unpack('>Q',f.read(8))[0];f.seek(l1);"
                    "l2=struct.unpack('>Q',f.read(8))[0]&0xfffffffffe00;f.seek(l2+16*8);"
                    "f.write(struct.pack('>Q',rb|(1<<63)))\"");
-  auto reactor = testing::NewReactor();
-  OpenOptions o;
-  o.writable = true;
-  auto img = reactor->BlockOn(OpenImage(dir / "img.qcow2", o));
-  ASSERT_TRUE(img.ok()) << img.status().ToString();
-  BlockDevice dev(std::move(*img));
-  WithOwnPort(reactor.get(), &dev, [](Port* port) -> Task<void> {
+  (void)WithOwnPort(dir, [](Port* port) -> Task<void> {
     AlignedBuffer data(4096);
     std::memset(data.data(), 0x33, data.size());
     for (int i = 0; i < 2; ++i) {
@@ -352,7 +348,6 @@ TEST(SharedDeviceEdgeTest, CorruptImageRefusesCachedWrites) {
     EXPECT_EQ(after.code(), EIO) << "a cached write went through on a corrupt image";
     EXPECT_EQ(port->stats().fast_writes, 2u);
   });
-  (void)reactor->BlockOn(dev.Close());
 }
 
 std::vector<SharedCase> Cases() {
