@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "block/align.h"
 #include "block/read_layer.h"
 #include "block/scratch_extents.h"
 #include "qcow2kit/block.h"
@@ -10,13 +11,6 @@
 
 namespace qcow2kit {
 namespace {
-
-uint64_t AlignDown(uint64_t v, uint64_t a) {
-  return v / a * a;
-}
-uint64_t AlignUp(uint64_t v, uint64_t a) {
-  return (v + a - 1) / a * a;
-}
 
 bool InPlace(const Extent& e) {
   return e.kind == ExtentKind::kData && e.writable;

@@ -6,6 +6,7 @@
 #include <optional>
 #include <utility>
 
+#include "block/align.h"
 #include "io/inbox.h"
 #include "qcow2kit/buffer.h"
 #include "qcow2kit/reactor.h"
@@ -25,12 +26,6 @@ constexpr uint64_t kLookupWindow = 256 << 10;
 
 bool Aligned(uint64_t v) {
   return v % kIoAlignment == 0;
-}
-uint64_t AlignDown(uint64_t v, uint64_t a) {
-  return v / a * a;
-}
-uint64_t AlignUp(uint64_t v, uint64_t a) {
-  return (v + a - 1) / a * a;
 }
 
 // The part [lo, hi) of `e` (which covers it).
