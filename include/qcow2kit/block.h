@@ -52,6 +52,14 @@ class BlockDevice {
   // image are written in place; others are allocated with copy-on-write of what the write
   // does not cover. With `fua` the write is durable when this returns.
   Task<Status> Write(uint64_t offset, std::span<const std::byte> buf, bool fua = false);
+  // Compressed writes (qcow2 without a data file; ENOTSUP otherwise). `buf` covers whole
+  // clusters from `offset` (cluster aligned; the last may end at the end of the image). Each
+  // cluster is compressed and packed with others, or written plain if it does not shrink.
+  Task<Status> WriteCompressed(uint64_t offset, std::span<const std::byte> buf);
+  // One cluster (or the image's short last one) that top().CompressCluster already
+  // compressed, possibly on another thread: `stream`, or empty to store `cluster` plain.
+  Task<Status> WriteCompressedCluster(uint64_t offset, std::span<const std::byte> cluster,
+                                      std::span<const std::byte> stream);
   // Makes [offset, offset + length) read as zeros. With `may_unmap`, whole clusters may be
   // deallocated (zero flag without a host cluster) instead of keeping their space. With
   // `no_fallback`, fails with ENOTSUP, changing nothing, if that would mean writing zero

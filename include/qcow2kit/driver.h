@@ -84,6 +84,17 @@ class FormatDriver {
   // Moves whenever a write GuardDataWrite allowed might be refused now (metadata placed
   // somewhere new, the image found corrupt): for those who keep its answers (SharedDevice).
   virtual uint64_t guard_generation() const { return 0; }
+  // Compressed clusters (formats that have them; ENOTSUP otherwise). CompressCluster encodes
+  // one whole cluster of guest data (cluster_size() bytes, zero-padded at the end of the
+  // image) as this image stores it and returns the stream's length in `out`, or 0 if it does
+  // not shrink (store the cluster plain instead). It touches no state: any thread may call it
+  // while the image is in use, which is how callers compress on several cores.
+  virtual Result<size_t> CompressCluster(std::span<const std::byte> cluster,
+                                         std::span<std::byte> out) const;
+  // Stores a stream from CompressCluster as the cluster at `guest_offset` (cluster aligned),
+  // replacing what was mapped there. The caller holds the cluster (LockRange). Streams are
+  // packed into shared host clusters; packed bytes not yet written are written at Flush.
+  virtual Task<Status> WriteCompressed(uint64_t guest_offset, std::span<const std::byte> stream);
   // Makes everything committed so far durable: metadata written in dependency order, files
   // synced.
   virtual Task<Status> Flush();

@@ -33,13 +33,13 @@ struct Extent {
   uint64_t guest_offset = 0;
   uint64_t length = 0;
   ExtentKind kind = ExtentKind::kUnallocated;
-  uint8_t file_index = 0;            // FormatDriver::file(i): 0 = image file, 1 = data file
+  uint8_t file_index = 0;  // FormatDriver::file(i): 0 = image file, 1 = data file
   // The host space (has_host()) belongs to this image alone (refcount 1): kData may be
   // overwritten in place; kZero / kUnallocated space may be filled in place and then committed
   // as kData at the same host offset.
   bool writable = false;
-  uint64_t host_offset = kNoHost;    // of guest_offset; for kCompressed the stream start
-  uint64_t compressed_length = 0;    // kCompressed: upper bound of the stream's length
+  uint64_t host_offset = kNoHost;  // of guest_offset; for kCompressed the stream start
+  uint64_t compressed_length = 0;  // kCompressed: upper bound of the stream's length
 
   bool has_host() const { return host_offset != kNoHost; }
   uint64_t end() const { return guest_offset + length; }
@@ -50,16 +50,18 @@ struct Extent {
 // L2), except at the end of the image.
 struct MappingUpdate {
   enum class Kind : uint8_t {
-    kData,   // guest range -> host_offset (a reservation, or the cluster already mapped there)
-    kZero,   // reads as zeros from now on
-    kUnmap,  // deallocate: reads from the backing layer (or zeros) from now on
-    kDiscard,  // QEMU's guest discard: zero on v3 or with a backing file, else deallocate
+    kData,        // guest range -> host_offset (a reservation, or the cluster already mapped there)
+    kZero,        // reads as zeros from now on
+    kUnmap,       // deallocate: reads from the backing layer (or zeros) from now on
+    kDiscard,     // QEMU's guest discard: zero on v3 or with a backing file, else deallocate
+    kCompressed,  // a whole cluster -> the compressed stream at host_offset (a byte offset)
   };
   uint64_t guest_offset = 0;
   uint64_t length = 0;
   Kind kind = Kind::kData;
   uint64_t host_offset = Extent::kNoHost;  // kData
-  bool keep_host = false;  // kZero: keep the host cluster allocated (preallocated zero)
+  bool keep_host = false;          // kZero: keep the host cluster allocated (preallocated zero)
+  uint64_t compressed_length = 0;  // kCompressed: bytes of the stream
 };
 
 }  // namespace qcow2kit

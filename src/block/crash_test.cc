@@ -198,7 +198,15 @@ Task<Status> RunOpAsync(BlockDevice* dev, GuestOp* op, std::vector<uint8_t>* mod
     case GuestOp::Kind::kWrite: {
       std::vector<std::byte> buf(op->length);
       FillPattern(op->tag, op->offset, op->length, reinterpret_cast<uint8_t*>(buf.data()));
-      Status s = co_await dev->Write(op->offset, buf, op->fua);
+      Status s;
+      if (op->compressed) {
+        s = co_await dev->WriteCompressed(op->offset, buf);
+        // An external data file holds no compressed clusters: a plain write then.
+        if (s.code() == ENOTSUP) s = co_await dev->Write(op->offset, buf);
+        if (s.ok() && op->fua) s = co_await dev->Flush();
+      } else {
+        s = co_await dev->Write(op->offset, buf, op->fua);
+      }
       if (s.ok()) ApplyOp(*op, model);
       co_return s;
     }

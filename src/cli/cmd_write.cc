@@ -41,6 +41,7 @@ struct WriteArgs {
   bool zeroes = false;
   bool unmap = false;
   bool discard = false;
+  bool compressed = false;
   bool quiet = false;
   bool verbose = false;
   CLI::Option* pattern_opt = nullptr;
@@ -68,12 +69,14 @@ struct Slot {
 };
 
 Task<void> IssueChunk(BlockDevice* dev, Mode mode, uint64_t offset, uint64_t length,
-                      std::span<const std::byte> data, bool unmap, Slot* slot) {
+                      std::span<const std::byte> data, bool unmap, bool compressed, Slot* slot) {
   Status s;
   switch (mode) {
     case Mode::kPattern:
     case Mode::kInput:
-      s = co_await dev->Write(offset, data.first(static_cast<size_t>(length)));
+      data = data.first(static_cast<size_t>(length));
+      s = compressed ? co_await dev->WriteCompressed(offset, data)
+                     : co_await dev->Write(offset, data);
       break;
     case Mode::kZeroes:
       s = co_await dev->WriteZeroes(offset, length, unmap);
@@ -158,6 +161,9 @@ int RunWrite(const Cli& cli, const WriteArgs& a) {
                       "write");
   }
   if (a.unmap && !a.zeroes) return UsageError("--unmap is only valid with --zeroes", "write");
+  if (a.compressed && (a.zeroes || a.discard)) {
+    return UsageError("--compressed is only valid with --pattern or --input", "write");
+  }
   Mode mode = a.zeroes                 ? Mode::kZeroes
               : a.discard              ? Mode::kDiscard
               : a.pattern_opt->count() ? Mode::kPattern
@@ -214,12 +220,21 @@ int RunWrite(const Cli& cli, const WriteArgs& a) {
   }
   // Pattern, zeroes and discard default to the rest of the image.
   if (!length && mode != Mode::kInput) length = size - std::min(offset, size);
+  const uint64_t cluster = dev.top().cluster_size();
+  if (status.ok() && a.compressed &&
+      (offset % cluster != 0 || (length && *length % cluster != 0 && offset + *length != size))) {
+    status = Status::Invalid(fmt::format(
+        "Compressed writes cover whole clusters: offset and length must be multiples of the "
+        "cluster size {} (the length may also reach the end of the image)",
+        cluster));
+  }
 
   // ---- the requests: chunks on a grid of the chunk size, so that concurrent requests do
   // not share clusters (up to 1 MiB clusters) ----
   const auto started = std::chrono::steady_clock::now();
-  const uint64_t chunk =
-      (mode == Mode::kZeroes || mode == Mode::kDiscard) ? kMetaChunk : kDataChunk;
+  const uint64_t chunk = (mode == Mode::kZeroes || mode == Mode::kDiscard) ? kMetaChunk
+                         : a.compressed ? std::max(kDataChunk, cluster)
+                                        : kDataChunk;
   AlignedBuffer pattern_buf;
   if (mode == Mode::kPattern && status.ok()) {
     pattern_buf.Resize(static_cast<size_t>(std::min<uint64_t>(chunk, *length)));
@@ -266,7 +281,14 @@ int RunWrite(const Cli& cli, const WriteArgs& a) {
     }
     slot.busy = true;
     slot.status = Status::Ok();
-    r.Spawn(IssueChunk(&dev, mode, pos, n, data, a.unmap, &slot));
+    if (a.compressed && n % cluster != 0 && pos + n != size) {
+      status = Status::Invalid(fmt::format(
+          "{} ended at {} bytes, not at a cluster boundary: compressed writes cover whole "
+          "clusters",
+          input.name, pos - offset + n));
+      break;
+    }
+    r.Spawn(IssueChunk(&dev, mode, pos, n, data, a.unmap, a.compressed, &slot));
     pos += n;
     ++ops;
   }
@@ -311,6 +333,8 @@ void AddWriteCommand(Cli& cli) {
   cmd->add_flag("-z,--zeroes", a->zeroes, "Make the range read as zeros");
   cmd->add_flag("-u,--unmap", a->unmap, "With --zeroes: whole clusters may be deallocated");
   cmd->add_flag("--discard", a->discard, "Discard whole clusters of the range");
+  cmd->add_flag("-c,--compressed", a->compressed,
+                "Store whole clusters compressed (qcow2; the image's compression type)");
   cmd->add_flag("-q,--quiet", a->quiet, "Print nothing (the default; wins over -v)");
   cmd->add_flag("-v,--verbose", a->verbose, "Print a summary line as qemu-io does");
 }

@@ -1,10 +1,13 @@
-// Decompression of compressed clusters (reference §1.6): raw DEFLATE via libdeflate and bare
-// zstd frames via the zstd streaming API.
+// Compressed clusters (reference §1.6). Decoding: raw DEFLATE via libdeflate and bare zstd
+// frames via the zstd streaming API. Encoding: zlib (libdeflate cannot limit its window to
+// the 4 KiB QEMU decodes with) and zstd's one-shot API.
 
 #include "format/compression.h"
 
 #include <libdeflate.h>
+#include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include <memory>
 #include <string>
@@ -106,7 +109,64 @@ Status DecompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out) {
   return Status::Ok();
 }
 
+// A deflate stream with QEMU's parameters. deflateReset keeps the allocation between clusters.
+class Deflater {
+ public:
+  Deflater() {
+    ok_ = deflateInit2(&z_, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) == Z_OK;
+  }
+  ~Deflater() {
+    if (ok_) deflateEnd(&z_);
+  }
+  Result<size_t> Compress(std::span<const uint8_t> in, std::span<uint8_t> out) {
+    if (!ok_) return Status::Error(ENOMEM, "cannot allocate a deflate compressor");
+    deflateReset(&z_);
+    z_.next_in = const_cast<uint8_t*>(in.data());
+    z_.avail_in = static_cast<uInt>(in.size());
+    z_.next_out = out.data();
+    z_.avail_out = static_cast<uInt>(out.size());
+    const int r = deflate(&z_, Z_FINISH);
+    if (r == Z_STREAM_END) return out.size() - z_.avail_out;
+    if (r == Z_OK || r == Z_BUF_ERROR) return size_t{0};  // does not fit: store plain
+    return Status::Error(EIO, "deflate failed: " + std::to_string(r));
+  }
+
+ private:
+  z_stream z_{};
+  bool ok_ = false;
+};
+
+struct ZstdCFree {
+  void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
+};
+
+Result<size_t> CompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out) {
+  thread_local std::unique_ptr<ZSTD_CCtx, ZstdCFree> c(ZSTD_createCCtx());
+  if (!c) return Status::Error(ENOMEM, "cannot allocate a zstd compressor");
+  const size_t r =
+      ZSTD_compressCCtx(c.get(), out.data(), out.size(), in.data(), in.size(), ZSTD_CLEVEL_DEFAULT);
+  if (ZSTD_isError(r)) {
+    if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall) return size_t{0};
+    return Status::Error(EIO, std::string("zstd: ") + ZSTD_getErrorName(r));
+  }
+  return r;
+}
+
 }  // namespace
+
+Result<size_t> CompressCluster(CompressionType type, std::span<const uint8_t> in,
+                               std::span<uint8_t> out) {
+  switch (type) {
+    case CompressionType::kZlib: {
+      thread_local Deflater d;
+      return d.Compress(in, out);
+    }
+    case CompressionType::kZstd:
+      return CompressZstd(in, out);
+  }
+  return Status::Unsupported("Unknown compression type: " +
+                             std::to_string(static_cast<unsigned>(type)));
+}
 
 Status DecompressCluster(CompressionType type, std::span<const uint8_t> in,
                          std::span<uint8_t> out) {

@@ -190,5 +190,50 @@ TEST(QemuCompressedTest, Zstd) {
   CheckQemuCompressedImage("zstd");
 }
 
+// CompressCluster: QEMU's exact deflate stream (same parameters), zstd that decodes back, and
+// 0 ("store it plain") for data that does not shrink below the room given.
+TEST(CompressClusterTest, ZlibIsQemusStream) {
+  const auto in = Data(kCluster, 7);
+  std::vector<uint8_t> out(kCluster - 1);
+  auto n = CompressCluster(CompressionType::kZlib, in, out);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  ASSERT_GT(*n, 0u);
+  out.resize(*n);
+  EXPECT_EQ(out, RawDeflate(in));
+  // Twice on one thread: the reused stream starts afresh.
+  std::vector<uint8_t> again(kCluster - 1);
+  n = CompressCluster(CompressionType::kZlib, in, again);
+  ASSERT_TRUE(n.ok());
+  again.resize(*n);
+  EXPECT_EQ(again, out);
+}
+
+TEST(CompressClusterTest, ZstdRoundTrip) {
+  const auto in = Data(kCluster, 8);
+  std::vector<uint8_t> out(kCluster - 1);
+  auto n = CompressCluster(CompressionType::kZstd, in, out);
+  ASSERT_TRUE(n.ok());
+  ASSERT_GT(*n, 0u);
+  ASSERT_LT(*n, kCluster / 2);
+  std::vector<uint8_t> back(kCluster);
+  ASSERT_TRUE(DecompressCluster(CompressionType::kZstd, std::span(out).first(*n), back).ok());
+  EXPECT_EQ(back, in);
+}
+
+TEST(CompressClusterTest, IncompressibleDataIsStoredPlain) {
+  std::vector<uint8_t> in(kCluster);
+  uint64_t x = 88172645463325252ull;
+  for (auto& b : in) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    b = static_cast<uint8_t>(x);
+  }
+  std::vector<uint8_t> out(kCluster - 1);
+  for (auto type : {CompressionType::kZlib, CompressionType::kZstd}) {
+    auto n = CompressCluster(type, in, out);
+    ASSERT_TRUE(n.ok());
+    EXPECT_EQ(*n, 0u);
+  }
+}
+
 }  // namespace
 }  // namespace qcow2kit::format

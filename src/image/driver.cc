@@ -54,6 +54,16 @@ Task<Status> FormatDriver::GuardDataWrite(uint8_t, uint64_t, uint64_t) {
   co_return Status::Ok();
 }
 
+Result<size_t> FormatDriver::CompressCluster(std::span<const std::byte>,
+                                             std::span<std::byte>) const {
+  return Status::Unsupported(std::string(format_name()) + ": compressed writes are not supported");
+}
+
+Task<Status> FormatDriver::WriteCompressed(uint64_t, std::span<const std::byte>) {
+  co_return Status::Unsupported(std::string(format_name()) +
+                                ": compressed writes are not supported");
+}
+
 Task<Status> FormatDriver::Flush() {
   for (uint8_t i = 0; i < 2; ++i) {
     if (File* f = file(i); f && f->writable()) QK_CO_RETURN_IF_ERROR(co_await f->Sync());

@@ -94,6 +94,12 @@ Task<Status> Qcow2Image::UpdateRefcounts(uint64_t offset, uint64_t length, int64
     format::SetRefcount(bytes, index % entries_per_slice, g.refcount_order, now);
     if (delta > 0) unwritten_from_ = std::max(unwritten_from_, host + cs);
     if (now == 0 && c < free_hint_) free_hint_ = c;
+    if (now == 0 && host == pack_host_) {
+      // Every stream packed there is gone: the cluster is free, so packing must not go on
+      // into it (QEMU resets free_byte_offset the same way).
+      pack_host_ = Extent::kNoHost;
+      pack_used_ = pack_written_ = 0;
+    }
   }
   co_return Status::Ok();
 }

@@ -117,6 +117,10 @@ Task<Status> Qcow2Image::Commit(std::span<const MappingUpdate> updates) {
       QK_CO_RETURN_IF_ERROR(co_await CommitCluster(u, c));
     }
   }
+  co_return co_await WriteBackIfCachesFull();
+}
+
+Task<Status> Qcow2Image::WriteBackIfCachesFull() {
   // Bound the dirty metadata: past half the cache, write it back (in order).
   if (l2_cache_->dirty_count() > l2_cache_->capacity() / 2 ||
       refcount_cache_->dirty_count() > refcount_cache_->capacity() / 2) {
@@ -165,6 +169,9 @@ Task<Status> Qcow2Image::CommitCluster(const MappingUpdate& u, uint64_t cg) {
     kind = MappingUpdate::Kind::kUnmap;  // v2 without backing: unallocated reads as zeros
   }
 
+  if (kind == MappingUpdate::Kind::kCompressed && !whole) {
+    co_return Status::Invalid("a compressed mapping must cover a whole cluster");
+  }
   uint64_t new_host = Extent::kNoHost;
   if (kind == MappingUpdate::Kind::kData) {
     new_host = (u.host_offset + (cg - u.guest_offset)) & ~(cs - 1);
@@ -175,6 +182,10 @@ Task<Status> Qcow2Image::CommitCluster(const MappingUpdate& u, uint64_t cg) {
     switch (kind) {
       case MappingUpdate::Kind::kData:
         entry = new_host | format::kOflagCopied;
+        break;
+      case MappingUpdate::Kind::kCompressed:
+        entry =
+            format::EncodeCompressed(u.host_offset, u.compressed_length, geometry_.cluster_bits);
         break;
       case MappingUpdate::Kind::kZero:
         entry = (u.keep_host && old_has_host && (old & format::kOflagCopied))
@@ -204,6 +215,11 @@ Task<Status> Qcow2Image::CommitCluster(const MappingUpdate& u, uint64_t cg) {
           bitmap = mask | (old_bitmap & 0xffffffff00000000ull & ~(mask << 32));
         }
         entry = new_host | format::kOflagCopied;
+        break;
+      case MappingUpdate::Kind::kCompressed:
+        entry =
+            format::EncodeCompressed(u.host_offset, u.compressed_length, geometry_.cluster_bits);
+        bitmap = 0;  // compressed clusters have no subclusters
         break;
       case MappingUpdate::Kind::kZero:
         if (whole && !u.keep_host) {

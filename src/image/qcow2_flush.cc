@@ -60,6 +60,8 @@ Task<Status> Qcow2Image::FlushLocked(bool write_refcounts) {
 Task<Status> Qcow2Image::WriteTables(bool write_refcounts) {
   QK_CO_RETURN_IF_ERROR(RefuseIfCorrupt());  // nothing more is written to a corrupt image
   QK_CO_RETURN_IF_ERROR(co_await ApplyReleases());
+  // Packed compressed streams before anything syncs: they are data their L2 entries expose.
+  QK_CO_RETURN_IF_ERROR(co_await WritePack());
   const bool l2_dirty = l2_cache_->dirty_count() > 0 || !dirty_l1_.empty();
   if (l2_dirty && header().lazy_refcounts() && !header().dirty()) {
     // Lazy refcounts: the dirty bit is on disk before the first L2 update.

@@ -41,7 +41,8 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(std::unique_ptr<File>
     head.resize(need);
     QK_CO_RETURN_IF_ERROR(co_await file->ReadExact(std::as_writable_bytes(std::span(head)), 0));
   }
-  QK_CO_ASSIGN_OR_RETURN(format::ParsedHeader parsed, format::ParseHeader(head, file_size, options.check));
+  QK_CO_ASSIGN_OR_RETURN(format::ParsedHeader parsed,
+                         format::ParseHeader(head, file_size, options.check));
   if (options.writable && parsed.header.corrupt() && !options.check) {
     co_return Status::Error(EACCES,
                             "Image is corrupt; cannot be opened read/write (repair it with "
@@ -284,11 +285,15 @@ Task<Status> Qcow2Image::ReadCompressed(const Extent& e, uint64_t offset,
     // The last sector of the stream may lie past the end of the file (the file end is only
     // sector aligned): those bytes read as zeros.
     std::vector<uint8_t> in(e.compressed_length);
+    // Bytes still being packed may not be on disk yet: taken from the pack as it is now (it
+    // may move on to another cluster while the read is in flight).
+    const auto [packed_at, packed] = PackedBytes(e.host_offset, in.size());
     // The I/O epoch keeps the host space from being reused until this read is done.
     const uint64_t epoch = BeginIo();
     Status s = co_await file_->ReadZeroPadded(std::as_writable_bytes(std::span(in)), e.host_offset);
     EndIo(epoch);
     if (!s.ok()) co_return s;
+    if (!packed.empty()) std::memcpy(in.data() + packed_at, packed.data(), packed.size());
     decompressed_host_ = Extent::kNoHost;
     auto dst = std::span(reinterpret_cast<uint8_t*>(decompressed_.data()), cluster);
     s = format::DecompressCluster(parsed_.header.compression_type, in, dst);

@@ -60,6 +60,9 @@ class Qcow2Image final : public FormatDriver {
   Task<Result<Reservation>> Reserve(uint64_t guest_offset, uint64_t length) override;
   Task<Status> Commit(std::span<const MappingUpdate> updates) override;
   Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
+  Result<size_t> CompressCluster(std::span<const std::byte> cluster,
+                                 std::span<std::byte> out) const override;
+  Task<Status> WriteCompressed(uint64_t guest_offset, std::span<const std::byte> stream) override;
   Task<Status> Flush() override;
   Task<Status> Close() override;
   Task<Status> GuardDataWrite(uint8_t file_index, uint64_t host_offset, uint64_t length) override;
@@ -135,6 +138,15 @@ class Qcow2Image final : public FormatDriver {
   // shared with a snapshot.
   Task<Result<uint8_t*>> L2SliceForUpdate(uint64_t offset);
   Task<Status> CommitCluster(const MappingUpdate& u, uint64_t cluster_guest);
+  // Writes dirty metadata back (in order) once it fills half a cache. meta_lock_ held.
+  Task<Status> WriteBackIfCachesFull();
+
+  // -- compressed writes (qcow2_compressed_write.cc); meta_lock_ held --
+  // Writes the packed bytes of pack_ not yet on disk (at flush, and when the cluster is full).
+  Task<Status> WritePack();
+  // The packed bytes inside [host, host + length) (they may not be on disk yet), and where
+  // they start relative to `host`.
+  std::pair<uint64_t, std::vector<std::byte>> PackedBytes(uint64_t host, uint64_t length) const;
 
   friend class Qcow2Checker;
 
@@ -179,6 +191,13 @@ class Qcow2Image final : public FormatDriver {
   AlignedBuffer decompressed_;
   uint64_t decompressed_host_ = Extent::kNoHost;
   int metadata_preallocated_ = -1;  // unknown until ProbeHostHoles() first runs
+
+  // The host cluster compressed streams are being packed into (QEMU's free_byte_offset): its
+  // first pack_used_ bytes, of which pack_written_ are on disk.
+  AlignedBuffer pack_;
+  uint64_t pack_host_ = Extent::kNoHost;
+  uint64_t pack_used_ = 0;
+  uint64_t pack_written_ = 0;
 
   MetadataMap metadata_map_{16};
   std::string corruption_;  // what the overlap check prevented; empty while all is well

@@ -45,7 +45,9 @@ void FillPattern(uint64_t tag, uint64_t pos, uint64_t len, uint8_t* out) {
   const uint64_t end = pos + len;
   while (pos < end) {
     const uint64_t base = pos & ~uint64_t{7};
-    const uint64_t word = Mix(tag ^ ((pos >> 3) * 0x9e3779b97f4a7c15ull));
+    // Compressible tags repeat each word over 512 bytes.
+    const uint64_t unit = (tag & kCompressibleTag) ? pos >> 9 : pos >> 3;
+    const uint64_t word = Mix(tag ^ (unit * 0x9e3779b97f4a7c15ull));
     uint8_t bytes[8];
     for (int i = 0; i < 8; ++i) bytes[i] = static_cast<uint8_t>(word >> (i * 8));
     const uint64_t stop = std::min(end, base + 8);
@@ -276,6 +278,18 @@ std::vector<GuestOp> MakeOps(uint64_t size, uint64_t cs, int count, uint64_t see
     op.index = i;
     const bool writes = op.kind == GuestOp::Kind::kWrite || op.kind == GuestOp::Kind::kZeroes;
     op.fua = writes && fua_rng() % 100 < 15;
+  }
+  // Compressed writes, also from a generator of their own: a third of the writes that cover
+  // whole clusters.
+  std::mt19937_64 compress_rng(seed ^ 0xc0de);
+  for (GuestOp& op : ops) {
+    op.tag &= ~kCompressibleTag;
+    const bool whole =
+        op.offset % cs == 0 && (op.length % cs == 0 || op.offset + op.length == size);
+    if (op.kind == GuestOp::Kind::kWrite && whole && compress_rng() % 3 == 0) {
+      op.compressed = true;
+      op.tag |= kCompressibleTag;
+    }
   }
   return ops;
 }

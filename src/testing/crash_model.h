@@ -28,6 +28,8 @@ struct GuestOp {
   uint64_t length = 0;  // kGrow: the new size
   bool may_unmap = false;
   bool fua = false;  // kWrite, kZeroes: durable when the call returns
+  // kWrite of whole clusters, stored compressed (tag has kCompressibleTag: data that shrinks)
+  bool compressed = false;
   uint64_t tag = 0;  // seeds the bytes of a write
   size_t index = 0;  // position in the workload: operations on one byte run in this order
   // Discard: what the discarded whole clusters read afterwards (zeros, or the old data if
@@ -54,6 +56,8 @@ std::string Describe(const GuestOp& op);
 // Whether the guest ranges of `a` and `b` intersect (flushes, closes and grows touch none).
 bool Overlap(const GuestOp& a, const GuestOp& b);
 
+// A tag with this bit makes data that compresses (each word repeated over 512 bytes).
+inline constexpr uint64_t kCompressibleTag = 1ull << 63;
 // The bytes a write with `tag` puts at guest [pos, pos + len).
 void FillPattern(uint64_t tag, uint64_t pos, uint64_t len, uint8_t* out);
 // Applies `op` (a discard: its recorded effect) to a guest image.
