@@ -52,7 +52,7 @@ test: deps build asan tsan
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
 
 # The tests that run several threads (make test runs them under ThreadSanitizer too).
-THREADED_TESTS := SharedDevice|Inbox|ConcurrencyTest|PaddedWrite
+THREADED_TESTS := SharedDevice|Inbox|ConcurrencyTest|PaddedWrite|WorkerPool
 
 test-fast: build
 	@ctest --test-dir $(BUILD) -j $(JOBS) --output-on-failure

@@ -22,9 +22,11 @@ class ImageLock;  // src/io/image_lock.h: QEMU-compatible image locks
 enum class CacheMode {
   kWriteback,  // page cache
   kNone,       // O_DIRECT
+  kUnsafe,     // page cache, and syncs are skipped (QEMU's cache=unsafe: a crash may lose
+               // anything, even what a flush completed)
 };
-// Parses qemu-img's -t names: "none", "writeback" (also "directsync" -> none,
-// "writethrough"/"unsafe" -> writeback).
+// Parses qemu-img's -t names: "none", "writeback", "unsafe" (also "directsync" -> none,
+// "writethrough" -> writeback).
 Result<CacheMode> ParseCacheMode(const std::string& name);
 
 // How space for a grown range is reserved (qemu-img's preallocation= for create and resize;
@@ -52,6 +54,8 @@ class File {
   int fd() const { return fd_; }
   bool writable() const { return writable_; }
   bool direct() const { return direct_; }
+  // CacheMode::kUnsafe: Sync() does nothing.
+  void set_skip_sync(bool skip) { skip_sync_ = skip; }
   // Keeps `lock` (taken on this file's descriptor) until the file is closed.
   void HoldLock(std::unique_ptr<ImageLock> lock);
 
@@ -91,6 +95,7 @@ class File {
   int fd_;
   bool writable_;
   bool direct_;
+  bool skip_sync_ = false;
   std::unique_ptr<ImageLock> lock_;
   // Read-modify-writes of partial blocks (direct I/O) go one at a time: two of them in one
   // block would each write back the other's old bytes.

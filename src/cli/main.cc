@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   AddServeCommand(cli);
   AddCheckCommand(cli);
   AddUblkCommand(cli);
+  AddConvertCommand(cli);
 
   // The first word that is not an option must name a command.
   std::vector<std::string> args(argv + 1, argv + argc);

@@ -30,9 +30,8 @@ Result<std::unique_ptr<File>> OpenWithFlags(const std::string& path, int flags, 
 
 Result<CacheMode> ParseCacheMode(const std::string& name) {
   if (name == "none" || name == "directsync") return CacheMode::kNone;
-  if (name == "writeback" || name == "writethrough" || name == "unsafe") {
-    return CacheMode::kWriteback;
-  }
+  if (name == "writeback" || name == "writethrough") return CacheMode::kWriteback;
+  if (name == "unsafe") return CacheMode::kUnsafe;
   return Status::Invalid("Invalid cache mode: " + name);
 }
 
@@ -65,7 +64,9 @@ Result<std::unique_ptr<File>> OpenWithFlags(const std::string& path, int flags, 
     ::close(fd);
     return Status::Error(EISDIR, "Could not open '" + path + "': Is a directory");
   }
-  return File::Adopt(path, fd, writable, direct);
+  auto file = File::Adopt(path, fd, writable, direct);
+  file->set_skip_sync(cache == CacheMode::kUnsafe);
+  return file;
 }
 }  // namespace
 
@@ -200,6 +201,7 @@ Task<Status> File::WriteAt(std::span<const std::byte> buf, uint64_t offset) {
 }
 
 Task<Status> File::Sync() {
+  if (skip_sync_) co_return Status::Ok();
   IoAwaiter io;
   io.req.op = IoOp::kFdatasync;
   io.req.fd = fd_;
