@@ -121,6 +121,9 @@ int RunConvert(const Cli& cli, const ConvertArgs& a) {
   auto reactor_or = MakeReactor(cli, a.engine);
   if (!reactor_or.ok()) return Fail(reactor_or.status());
   Reactor& r = **reactor_or;
+  // Chunks are copied through the page cache by kernel workers, on every core (as qemu-img's
+  // thread pool does), not all on this thread.
+  r.set_offload_bytes(128 << 10);
 
   // ---- the sources ----
   OpenOptions src_open;

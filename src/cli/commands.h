@@ -21,6 +21,8 @@ void AddServeCommand(Cli& cli);
 void AddCheckCommand(Cli& cli);
 void AddUblkCommand(Cli& cli);
 void AddConvertCommand(Cli& cli);
+void AddCompareCommand(Cli& cli);
+void AddMeasureCommand(Cli& cli);
 
 // qemu-img resize takes its size argument off the end of the command line before parsing
 // options, so "-1G" is a size: main() calls this (with the index of the "resize" word) before

@@ -36,6 +36,8 @@ int main(int argc, char** argv) {
   AddCheckCommand(cli);
   AddUblkCommand(cli);
   AddConvertCommand(cli);
+  AddCompareCommand(cli);
+  AddMeasureCommand(cli);
 
   // The first word that is not an option must name a command.
   std::vector<std::string> args(argv + 1, argv + argc);

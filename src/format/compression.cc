@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace qcow2kit::format {
 namespace {
@@ -140,11 +141,10 @@ struct ZstdCFree {
   void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
 };
 
-Result<size_t> CompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out) {
+Result<size_t> CompressZstdLevel(std::span<const uint8_t> in, std::span<uint8_t> out, int level) {
   thread_local std::unique_ptr<ZSTD_CCtx, ZstdCFree> c(ZSTD_createCCtx());
   if (!c) return Status::Error(ENOMEM, "cannot allocate a zstd compressor");
-  const size_t r =
-      ZSTD_compressCCtx(c.get(), out.data(), out.size(), in.data(), in.size(), ZSTD_CLEVEL_DEFAULT);
+  const size_t r = ZSTD_compressCCtx(c.get(), out.data(), out.size(), in.data(), in.size(), level);
   if (ZSTD_isError(r)) {
     if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall) return size_t{0};
     return Status::Error(EIO, std::string("zstd: ") + ZSTD_getErrorName(r));
@@ -158,11 +158,20 @@ Result<size_t> CompressCluster(CompressionType type, std::span<const uint8_t> in
                                std::span<uint8_t> out) {
   switch (type) {
     case CompressionType::kZlib: {
+      // Deflate at QEMU's level is slow, slowest on data it cannot shrink. zstd's fastest
+      // level looks first: what it cannot fit in the room (with a far larger window and the
+      // same kind of entropy coding), deflate with a 4 KiB window cannot either, so such a
+      // cluster is stored plain at once. At worst a cluster on the edge is stored plain where
+      // QEMU would have saved a few bytes.
+      thread_local std::vector<uint8_t> probe;
+      probe.resize(out.size());
+      auto quick = CompressZstdLevel(in, probe, 1);
+      if (quick.ok() && *quick == 0) return size_t{0};
       thread_local Deflater d;
       return d.Compress(in, out);
     }
     case CompressionType::kZstd:
-      return CompressZstd(in, out);
+      return CompressZstdLevel(in, out, ZSTD_CLEVEL_DEFAULT);
   }
   return Status::Unsupported("Unknown compression type: " +
                              std::to_string(static_cast<unsigned>(type)));

@@ -24,11 +24,15 @@ std::string ResolveRelative(const std::string& base, const std::string& name) {
   return base.substr(0, slash + 1) + name;
 }
 
+// As QEMU's qcow2 probe: the magic and a version of at least 2 (bytes past the end of a
+// short file read as zeros). Anything else is raw.
 Task<Result<std::string>> ProbeFormat(File* file) {
-  uint8_t magic[4] = {};
-  auto r = co_await file->ReadAt(std::as_writable_bytes(std::span(magic)), 0);
+  uint8_t head[8] = {};
+  auto r = co_await file->ReadAt(std::as_writable_bytes(std::span(head)), 0);
   if (!r.ok()) co_return r.status();
-  if (*r == 4 && format::LoadBE32(magic) == format::kMagic) co_return std::string("qcow2");
+  if (format::LoadBE32(head) == format::kMagic && format::LoadBE32(head + 4) >= 2) {
+    co_return std::string("qcow2");
+  }
   co_return std::string("raw");
 }
 
@@ -62,16 +66,12 @@ LockPerms PermsFor(ImageFileRole role, bool writable) {
   return {held, 0};
 }
 
-Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
-                                                      const std::string& format_hint,
-                                                      const OpenOptions& options,
-                                                      std::set<FileId>* seen,
-                                                      std::vector<std::string>* chain,
-                                                      unsigned depth) {
+Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(
+    const std::string& path, const std::string& format_hint, const OpenOptions& options,
+    std::set<FileId>* seen, std::vector<std::string>* chain, unsigned depth) {
   if (depth > options.max_backing_depth) {
-    co_return Status::Invalid(
-        fmt::format("Backing chain of '{}' is deeper than {} images", chain->front(),
-                    options.max_backing_depth));
+    co_return Status::Invalid(fmt::format("Backing chain of '{}' is deeper than {} images",
+                                          chain->front(), options.max_backing_depth));
   }
   // Only the top image is opened for writing; backing files are read-only.
   bool writable = options.writable && depth == 0;
@@ -109,8 +109,8 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
   if (ph.header.has_data_file()) {
     if (!ph.data_file) co_return Status::Invalid("'data-file' is required for this image");
     if (!options.allow_data_file) {
-      co_return Status::Error(EPERM, fmt::format("Opening the data file '{}' is not allowed",
-                                                 *ph.data_file));
+      co_return Status::Error(
+          EPERM, fmt::format("Opening the data file '{}' is not allowed", *ph.data_file));
     }
     std::string data_path = ResolveRelative(path, *ph.data_file);
     auto df = File::Open(data_path, writable, options.cache);
@@ -122,8 +122,8 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(const std::string& path,
 
   if (ph.backing_file) {
     if (!options.allow_backing) {
-      co_return Status::Error(EPERM, fmt::format("Opening the backing file '{}' is not allowed",
-                                                 *ph.backing_file));
+      co_return Status::Error(
+          EPERM, fmt::format("Opening the backing file '{}' is not allowed", *ph.backing_file));
     }
     std::string backing_path = ResolveRelative(path, *ph.backing_file);
     std::string backing_format = ph.backing_format.value_or("");
