@@ -23,6 +23,7 @@ void AddUblkCommand(Cli& cli);
 void AddConvertCommand(Cli& cli);
 void AddCompareCommand(Cli& cli);
 void AddMeasureCommand(Cli& cli);
+void AddDdCommand(Cli& cli);
 
 // qemu-img resize takes its size argument off the end of the command line before parsing
 // options, so "-1G" is a size: main() calls this (with the index of the "resize" word) before

@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   AddConvertCommand(cli);
   AddCompareCommand(cli);
   AddMeasureCommand(cli);
+  AddDdCommand(cli);
 
   // The first word that is not an option must name a command.
   std::vector<std::string> args(argv + 1, argv + argc);
