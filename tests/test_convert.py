@@ -226,6 +226,31 @@ def feature_cases(R):
     R.defer("n-target-not-zero", no_create, False)
     R.defer("n-target-is-zero", no_create, True)
 
+    def snapshot():
+        d = case_dir("snapshot")
+        src = q.create(os.path.join(d, "src.qcow2"), 4 * MiB, cluster_size=4096)
+        q.io(src, ["write -P 0x41 0 1M", "write -z 2M 64k"])
+        q.img("snapshot", "-c", "first", src)
+        q.io(src, ["write -P 0x42 512k 1M", "discard 0 64k", "write -P 0x43 3M 4k"])
+        q.img("resize", src, "6M")
+        for args in (["-l", "first"], ["-l", "1"], ["-l", "snapshot.name=first"],
+                     ["-l", "snapshot.id=1"], ["-c", "-l", "first"]):
+            ours, theirs = both(d, [src], args, "qcow2", target_backing=True)
+            ref = os.path.join(d, "ref.raw")
+            q.img("convert", "-l", "first", "-O", "raw", src, ref)
+            res = q.img("compare", "-F", "raw", ours, ref, ok=False)
+            T.check(res.rc == 0, f"-l {args}: not the snapshot's data:\n" + res.describe())
+        for args in (["-l", "nothere"], ["-l", "first", src]):
+            out = os.path.join(d, "x.qcow2")
+            ours = qk.run("convert", "-O", "qcow2", *args, src, out)
+            theirs = T.run(["qemu-img", "convert", "-O", "qcow2", *args, src, out])
+            T.expect_clean_error(ours)
+            strip = lambda t: [re.sub(r"^(qemu-img|qcow2kit): ", "", x) for x in t.splitlines()]
+            T.check_eq(strip(ours.err), strip(theirs.err), f"message for {args}")
+            if os.path.exists(out):
+                os.unlink(out)
+    R.defer("snapshot-l", snapshot)
+
     def several():
         d = case_dir("several")
         a = raw_source(d, "a.raw", 1 * MiB + 700)

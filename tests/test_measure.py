@@ -75,6 +75,10 @@ def cases(R):
                            ["--output=json", "-O", "qcow2"]):
                 same([*target, src])
         same(["-f", "raw", "-O", "qcow2", img])
+        q.img("snapshot", "-c", "s1", img)
+        q.io(img, ["write 20M 10M"])
+        for args in (["-l", "s1"], ["-l", "1"], ["-l", "missing"]):
+            same([*args, "-O", "qcow2", img])
     R.defer("sources", sources)
 
     def errors():

@@ -42,6 +42,10 @@ struct OpenOptions {
 Task<Result<std::unique_ptr<FormatDriver>>> OpenImage(const std::string& path,
                                                       const OpenOptions& options);
 
+// The format QEMU probes `file` as: "qcow2" for the qcow2 magic with a version of at least 2,
+// else "raw" (bytes past the end of a short file read as zeros).
+Task<Result<std::string>> ProbeFormat(File* file);
+
 // The part a file plays in an image: it decides which permissions its image locks claim.
 enum class ImageFileRole {
   kQcow2,     // a qcow2 image (top or backing): its metadata must not change under us

@@ -138,10 +138,19 @@ int RunConvert(const Cli& cli, const ConvertArgs& a) {
     sources.push_back(std::make_unique<BlockDevice>(std::move(*img)));
     source_ptrs.push_back(sources.back().get());
   }
-  const uint64_t total = tools::ConcatenatedSize(source_ptrs);
   if (a.snapshot_opt->count()) {
-    return Fail("Failed to load snapshot: reading internal snapshots is not supported yet");
+    if (sources.size() > 1) return Fail("No support for concatenating multiple snapshot");
+    // -l snapshot.id=ID,snapshot.name=NAME names one by either; a plain value by ID or name.
+    std::string name = a.snapshot;
+    if (name.rfind("snapshot.", 0) == 0) {
+      const OptionList parsed = ParseOptionString(name);
+      name = OptionValue(parsed, "snapshot.id").value_or(
+          OptionValue(parsed, "snapshot.name").value_or(""));
+    }
+    Status s = r.BlockOn(tools::LoadSnapshotForReading(sources[0]->top(), name));
+    if (!s.ok()) return Fail(s);
   }
+  const uint64_t total = tools::ConcatenatedSize(source_ptrs);
 
   // ---- the target ----
   bool has_backing = a.backing_opt->count() > 0;

@@ -89,10 +89,11 @@ int RunMeasure(const Cli& cli, const MeasureArgs& a) {
     o.force_share = a.force_share;
     auto img = (*reactor)->BlockOn(tools::OpenImageChain(a.files[0], o));
     if (!img.ok()) return Fail(img.status());
-    if (a.snapshot_opt->count()) {
-      return Fail("Failed to load snapshot: reading internal snapshots is not supported yet");
-    }
     source = std::make_unique<BlockDevice>(std::move(*img));
+    if (a.snapshot_opt->count()) {
+      Status s = (*reactor)->BlockOn(tools::LoadSnapshotForReading(source->top(), a.snapshot));
+      if (!s.ok()) return Fail(s);
+    }
   }
   auto r = (*reactor)->BlockOn(tools::Measure(*target, size, source.get()));
   if (!r.ok()) return Fail(r.status());

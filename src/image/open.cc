@@ -24,18 +24,6 @@ std::string ResolveRelative(const std::string& base, const std::string& name) {
   return base.substr(0, slash + 1) + name;
 }
 
-// As QEMU's qcow2 probe: the magic and a version of at least 2 (bytes past the end of a
-// short file read as zeros). Anything else is raw.
-Task<Result<std::string>> ProbeFormat(File* file) {
-  uint8_t head[8] = {};
-  auto r = co_await file->ReadAt(std::as_writable_bytes(std::span(head)), 0);
-  if (!r.ok()) co_return r.status();
-  if (format::LoadBE32(head) == format::kMagic && format::LoadBE32(head + 4) >= 2) {
-    co_return std::string("qcow2");
-  }
-  co_return std::string("raw");
-}
-
 using FileId = std::pair<dev_t, ino_t>;
 
 constexpr const char* kForceShareWritable = "force-share=on can only be used with read-only images";
@@ -139,6 +127,17 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenLayer(
 }
 
 }  // namespace
+
+Task<Result<std::string>> ProbeFormat(File* file) {
+  uint8_t head[8] = {};
+  auto r = co_await file->ReadAt(std::as_writable_bytes(std::span(head)), 0);
+  if (!r.ok()) co_return r.status();
+  if (format::LoadBE32(head) == format::kMagic && format::LoadBE32(head + 4) >= 2) {
+    co_return std::string("qcow2");
+  }
+  co_return std::string("raw");
+}
+
 
 Status LockImageFile(File& file, ImageFileRole role, bool force_share) {
   if (force_share) {

@@ -72,7 +72,8 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t guest_offset, std::span<const 
 
   // The L2 table first (allocated now if missing), as QEMU does: then the packed clusters
   // are the last thing in the file and it ends at the last stream's sector.
-  QK_CO_RETURN_IF_ERROR((co_await L2SliceForUpdate(guest_offset)).status());
+  auto l2 = co_await L2SliceForUpdate(guest_offset);
+  if (!l2.ok()) co_return l2.status();
 
   // Place the stream: after the last one in the pack cluster, else at the start of a fresh one.
   // A fresh cluster's refcount of 1 from AllocateClusters is this stream's reference.

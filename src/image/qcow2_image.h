@@ -71,6 +71,11 @@ class Qcow2Image final : public FormatDriver {
   }
   bool has_backing() const { return parsed_.backing_file.has_value(); }
 
+  // Reads snapshot `id_or_name` (an ID first, then a name, as qemu-img -l) from now on
+  // instead of the active layer, at the image's current size (as QEMU's temporary snapshot
+  // load). Only for images opened read-only. ENOENT: "Can't find snapshot".
+  Task<Status> LoadSnapshotForReading(const std::string& id_or_name);
+
   // ---- Check and repair (qcow2_check.cc) ----
   // One run of qemu-img check's algorithm; with `fix` the image must be writable (opened with
   // OpenOptions::check if it may be corrupt). Diagnostics go to `log`. An error means the

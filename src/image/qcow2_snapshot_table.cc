@@ -161,4 +161,27 @@ Task<Status> Qcow2Image::WriteSnapshotTable() {
   co_return Status::Ok();
 }
 
+Task<Status> Qcow2Image::LoadSnapshotForReading(const std::string& id_or_name) {
+  if (file_->writable()) co_return Status::Invalid("a snapshot can only be read, not written");
+  const format::Snapshot* found = nullptr;
+  for (const auto& sn : snapshots_) {
+    if (sn.id == id_or_name) found = &sn;
+  }
+  for (size_t i = 0; !found && i < snapshots_.size(); ++i) {
+    if (snapshots_[i].name == id_or_name) found = &snapshots_[i];
+  }
+  if (!found) co_return Status::Error(ENOENT, "Can't find snapshot");
+  const uint64_t cs = geometry_.cluster_size();
+  if (found->l1_table_offset % cs != 0 || found->l1_size > (32u << 20) / 8 ||
+      found->l1_table_offset + uint64_t{found->l1_size} * 8 > file_size_) {
+    co_return Status::Corrupt("Snapshot L1 table is invalid");
+  }
+  std::vector<uint64_t> l1(found->l1_size);
+  QK_CO_RETURN_IF_ERROR(
+      co_await file_->ReadExact(std::as_writable_bytes(std::span(l1)), found->l1_table_offset));
+  for (auto& e : l1) e = format::LoadBE64(&e);
+  l1_ = std::move(l1);
+  co_return Status::Ok();
+}
+
 }  // namespace qcow2kit

@@ -1,5 +1,6 @@
 #include "tools/open_layer.h"
 
+#include "fmt/format.h"
 #include "format/endian.h"
 #include "format/header.h"
 #include "image/qcow2_image.h"
@@ -17,10 +18,7 @@ Task<Result<std::unique_ptr<FormatDriver>>> Open(const std::string& path,
   QK_CO_ASSIGN_OR_RETURN(auto file, File::Open(path, options.writable, options.cache));
   std::string format = options.format;
   if (format.empty()) {
-    uint8_t magic[4] = {};
-    auto got = co_await file->ReadAt(std::as_writable_bytes(std::span(magic)), 0);
-    if (!got.ok()) co_return got.status();
-    format = *got == 4 && format::LoadBE32(magic) == format::kMagic ? "qcow2" : "raw";
+    QK_CO_ASSIGN_OR_RETURN(format, co_await ProbeFormat(file.get()));
   }
   if (format == "raw") {
     QK_CO_RETURN_IF_ERROR(LockImageFile(*file, ImageFileRole::kRaw, options.force_share));
@@ -50,6 +48,20 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenImageChain(const std::string& pa
   auto r = co_await OpenImage(path, options);
   if (!r.ok()) co_return OpenError(path, r.status());
   co_return std::move(*r);
+}
+
+Task<Status> LoadSnapshotForReading(FormatDriver& top, const std::string& id_or_name) {
+  auto* qcow2 = dynamic_cast<Qcow2Image*>(&top);
+  if (!qcow2) {
+    co_return Status::Unsupported(fmt::format(
+        "Failed to load snapshot: Block format '{}' used by device '' does not support "
+        "internal snapshots",
+        top.format_name()));
+  }
+  // GCC 12: a co_await result is named before it is tested.
+  Status s = co_await qcow2->LoadSnapshotForReading(id_or_name);
+  if (s.ok()) co_return s;
+  co_return Status::Error(s.code(), "Failed to load snapshot: " + s.message());
 }
 
 }  // namespace qcow2kit::tools

@@ -22,4 +22,8 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenSingleLayer(const std::string& p
 Task<Result<std::unique_ptr<FormatDriver>>> OpenImageChain(const std::string& path,
                                                            const OpenOptions& options);
 
+// qemu-img's -l: makes `top` read snapshot `id_or_name` instead of its active layer.
+// Errors are "Failed to load snapshot: <reason>".
+Task<Status> LoadSnapshotForReading(FormatDriver& top, const std::string& id_or_name);
+
 }  // namespace qcow2kit::tools
