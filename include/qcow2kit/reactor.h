@@ -43,9 +43,6 @@ struct IoRequest {
   void* buf = nullptr;
   uint32_t len = 0;
   uint64_t offset = 0;
-  // Hint: run in a kernel worker instead of inline (io_uring's IOSQE_ASYNC), so that the
-  // copying of large page-cache transfers happens on other cores.
-  bool offload = false;
   int64_t result = 0;  // bytes transferred (>= 0) or -errno
   std::coroutine_handle<> waiter;
 };
@@ -66,8 +63,6 @@ class Engine {
   // Asks for an in-flight request to end early (best effort, used for socket waits). It still
   // completes through Poll(), with -ECANCELED if it was cancelled before finishing.
   virtual void Cancel(IoRequest* req) = 0;
-  // At most `n` kernel workers run offloaded file requests (IoRequest::offload) at once.
-  virtual void LimitOffloadWorkers(unsigned n) { (void)n; }
 };
 
 enum class EngineKind {
@@ -116,12 +111,6 @@ class Reactor {
 
   size_t live_tasks() const { return live_tasks_; }
 
-  // Page-cache (not direct) file transfers of at least this many bytes are offloaded to
-  // kernel workers (IoRequest::offload); 0, the default, offloads nothing. For bulk copies
-  // (convert) whose memory copying would otherwise all happen on this thread.
-  void set_offload_bytes(uint64_t bytes) { offload_bytes_ = bytes; }
-  uint64_t offload_bytes() const { return offload_bytes_; }
-
  private:
   friend struct SpawnedTask;
   template <typename T>
@@ -132,7 +121,6 @@ class Reactor {
   std::unique_ptr<Engine> engine_;
   std::deque<std::coroutine_handle<>> ready_;
   size_t live_tasks_ = 0;
-  uint64_t offload_bytes_ = 0;
   Reactor* previous_ = nullptr;
 };
 

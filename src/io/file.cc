@@ -93,8 +93,6 @@ Task<Result<size_t>> File::Transfer(bool write, std::byte* buf, size_t len, uint
     io.req.buf = buf + done;
     io.req.len = static_cast<uint32_t>(std::min(len - done, kMaxChunk));
     io.req.offset = offset + done;
-    const uint64_t offload = Reactor::Current()->offload_bytes();
-    io.req.offload = offload != 0 && !direct_ && io.req.len >= offload;
     int64_t r = co_await io;
     if (r == -EINTR || r == -EAGAIN) continue;
     if (r < 0) {

@@ -39,11 +39,6 @@ class UringEngine final : public Engine {
 
   const char* name() const override { return "io_uring"; }
 
-  void LimitOffloadWorkers(unsigned n) override {
-    unsigned values[2] = {n, 0};  // bounded (file I/O) workers; unbounded unchanged
-    (void)io_uring_register_iowq_max_workers(&ring_, values);  // a hint: older kernels lack it
-  }
-
   bool Submit(IoRequest* req) override {
     io_uring_sqe* sqe = GetSqe();
     if (!sqe) {
@@ -53,11 +48,9 @@ class UringEngine final : public Engine {
     switch (req->op) {
       case IoOp::kRead:
         io_uring_prep_read(sqe, req->fd, req->buf, req->len, req->offset);
-        if (req->offload) io_uring_sqe_set_flags(sqe, IOSQE_ASYNC);
         break;
       case IoOp::kWrite:
         io_uring_prep_write(sqe, req->fd, req->buf, req->len, req->offset);
-        if (req->offload) io_uring_sqe_set_flags(sqe, IOSQE_ASYNC);
         break;
       case IoOp::kFdatasync:
         io_uring_prep_fsync(sqe, req->fd, IORING_FSYNC_DATASYNC);

@@ -24,6 +24,7 @@ namespace qcow2kit::tools {
 namespace {
 
 constexpr uint64_t kSector = 512;
+constexpr uint64_t kStatusWindow = 64 << 20;
 
 enum class RunKind { kData, kZero, kBacking };
 
@@ -161,7 +162,9 @@ class Converter {
       uint64_t count = kSector;
       RunKind kind = RunKind::kData;
       std::vector<BlockStatusExtent> runs;
-      const uint64_t want = std::min(n, part_end - pos);
+      // Only the first run is used: a bounded window keeps each query cheap (the next one
+      // starts where this run ends).
+      const uint64_t want = std::min({n, part_end - pos, kStatusWindow});
       Status s = co_await src.BlockStatus(local, std::min(want, src.size() - local), &runs);
       if (s.ok() && runs.empty()) s = Status::IoError("no block status returned");
       if (!s.ok()) {
