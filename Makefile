@@ -79,6 +79,7 @@ bench: deps build
 	@python3 bench/bench_write.py --qcow2kit $(BUILD)/qcow2kit
 	@python3 bench/bench_nbd.py --qcow2kit $(BUILD)/qcow2kit
 	@python3 bench/bench_check.py --qcow2kit $(BUILD)/qcow2kit
+	@python3 bench/bench_convert.py --qcow2kit $(BUILD)/qcow2kit
 	@python3 bench/bench_ublk.py --qcow2kit $(BUILD)/qcow2kit
 
 format:
