@@ -240,7 +240,14 @@ def feature_cases(R):
             q.img("convert", "-l", "first", "-O", "raw", src, ref)
             res = q.img("compare", "-F", "raw", ours, ref, ok=False)
             T.check(res.rc == 0, f"-l {args}: not the snapshot's data:\n" + res.describe())
-        for args in (["-l", "nothere"], ["-l", "first", src]):
+        # IDs and names that cross: snapshot.name= must match names only, snapshot.id= IDs.
+        q.img("snapshot", "-c", "2", src)   # ID 2, name "2"
+        q.io(src, ["write -P 0x44 0 64k"])
+        q.img("snapshot", "-c", "1", src)   # ID 3, name "1"
+        for spec in ("snapshot.name=1", "snapshot.id=2", "snapshot.id=3,snapshot.name=1", "1"):
+            ours, theirs = both(d, [src], ["-l", spec], "qcow2", target_backing=True)
+        for args in (["-l", "snapshot.id=3,snapshot.name=2"], ["-l", "nothere"],
+                     ["-l", "first", src]):
             out = os.path.join(d, "x.qcow2")
             ours = qk.run("convert", "-O", "qcow2", *args, src, out)
             theirs = T.run(["qemu-img", "convert", "-O", "qcow2", *args, src, out])
@@ -250,6 +257,23 @@ def feature_cases(R):
             if os.path.exists(out):
                 os.unlink(out)
     R.defer("snapshot-l", snapshot)
+
+    def compressed_into_larger():
+        # -c -n onto a larger image: the source's last, partial cluster must not wipe the
+        # rest of that cluster in the target (it is written plain; qemu-img refuses it).
+        d = case_dir("compressed-n-larger")
+        src = write_file(os.path.join(d, "src.raw"), text_data(100 * KiB, 9))
+        out = q.create(os.path.join(d, "out.qcow2"), MiB)
+        q.io(out, ["write -P 0xee 0 1M"])
+        T.expect_ok(qk.run("convert", "-n", "-c", "-f", "raw", "-O", "qcow2", src, out),
+                    "convert -n -c")
+        check_clean(out)
+        ref = os.path.join(d, "ref.raw")
+        with open(ref, "wb") as f:
+            f.write(text_data(100 * KiB, 9) + b"\xee" * (MiB - 100 * KiB))
+        res = q.img("compare", "-F", "raw", out, ref, ok=False)
+        T.check(res.rc == 0, "target damaged past the source's end:\n" + res.describe())
+    R.defer("compressed-n-onto-larger-target", compressed_into_larger)
 
     def several():
         d = case_dir("several")

@@ -77,7 +77,8 @@ def cases(R):
         same(["-f", "raw", "-O", "qcow2", img])
         q.img("snapshot", "-c", "s1", img)
         q.io(img, ["write 20M 10M"])
-        for args in (["-l", "s1"], ["-l", "1"], ["-l", "missing"]):
+        for args in (["-l", "s1"], ["-l", "1"], ["-l", "missing"], ["-l", "snapshot.id=1"],
+                     ["-l", "snapshot.name=s1"], ["-l", "snapshot.name=1"]):
             same([*args, "-O", "qcow2", img])
     R.defer("sources", sources)
 

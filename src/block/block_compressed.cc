@@ -37,7 +37,12 @@ Task<Status> BlockDevice::WriteCompressed(uint64_t offset, std::span<const std::
 Task<Status> BlockDevice::WriteCompressedCluster(uint64_t offset,
                                                  std::span<const std::byte> cluster,
                                                  std::span<const std::byte> stream) {
-  if (stream.empty()) co_return co_await Write(offset, cluster);
+  // A short cluster is compressed zero-padded, which only the image's last cluster may be:
+  // elsewhere (convert -n onto a larger image) the rest of the cluster keeps its data, so the
+  // bytes are written plain.
+  const bool short_inside =
+      cluster.size() < top_->cluster_size() && offset + cluster.size() != size();
+  if (stream.empty() || short_inside) co_return co_await Write(offset, cluster);
   auto held = co_await top_->LockRange(offset, cluster.size());
   co_return co_await top_->WriteCompressed(offset, stream);
 }

@@ -56,14 +56,6 @@ struct ConvertArgs {
   CLI::Option* snapshot_opt = nullptr;
 };
 
-// qemu-img's is_valid_option_list.
-bool IsValidOptionList(const std::string& s) {
-  if (s.empty() || s[0] == ',') return false;
-  size_t trailing = 0;
-  while (trailing < s.size() && s[s.size() - 1 - trailing] == ',') ++trailing;
-  return trailing % 2 == 0;
-}
-
 uint64_t Pow2Floor(uint64_t v) {
   uint64_t p = 1;
   while (p <= v / 2) p *= 2;
@@ -147,14 +139,7 @@ int RunConvert(const Cli& cli, const ConvertArgs& a) {
   }
   if (a.snapshot_opt->count()) {
     if (sources.size() > 1) return Fail("No support for concatenating multiple snapshot");
-    // -l snapshot.id=ID,snapshot.name=NAME names one by either; a plain value by ID or name.
-    std::string name = a.snapshot;
-    if (name.rfind("snapshot.", 0) == 0) {
-      const OptionList parsed = ParseOptionString(name);
-      name = OptionValue(parsed, "snapshot.id")
-                 .value_or(OptionValue(parsed, "snapshot.name").value_or(""));
-    }
-    Status s = r.BlockOn(tools::LoadSnapshotForReading(sources[0]->top(), name));
+    Status s = r.BlockOn(tools::LoadSnapshotForReading(sources[0]->top(), a.snapshot));
     if (!s.ok()) return Fail(s);
   }
   const uint64_t total = tools::ConcatenatedSize(source_ptrs);

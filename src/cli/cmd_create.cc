@@ -26,14 +26,6 @@ struct CreateArgs {
   CLI::Option* size_opt = nullptr;
 };
 
-// qemu-img's is_valid_option_list: not empty, no leading comma, no dangling trailing comma.
-bool IsValidOptionList(const std::string& s) {
-  if (s.empty() || s[0] == ',') return false;
-  size_t trailing = 0;
-  while (trailing < s.size() && s[s.size() - 1 - trailing] == ',') ++trailing;
-  return trailing % 2 == 0;
-}
-
 // "qcow2kit: FILE: message" as bdrv_img_create reports; further lines are hints, unprefixed.
 int FailFor(const std::string& filename, const Status& status) {
   const std::string message = status.ToString();

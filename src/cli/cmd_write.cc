@@ -75,8 +75,12 @@ Task<void> IssueChunk(BlockDevice* dev, Mode mode, uint64_t offset, uint64_t len
     case Mode::kPattern:
     case Mode::kInput:
       data = data.first(static_cast<size_t>(length));
-      s = compressed ? co_await dev->WriteCompressed(offset, data)
-                     : co_await dev->Write(offset, data);
+      // GCC 12: no co_await inside a conditional expression.
+      if (compressed) {
+        s = co_await dev->WriteCompressed(offset, data);
+      } else {
+        s = co_await dev->Write(offset, data);
+      }
       break;
     case Mode::kZeroes:
       s = co_await dev->WriteZeroes(offset, length, unmap);

@@ -97,4 +97,11 @@ bool WriteAll(std::FILE* f, std::string_view data) {
   return std::fwrite(data.data(), 1, data.size(), f) == data.size();
 }
 
+bool IsValidOptionList(const std::string& s) {
+  if (s.empty() || s[0] == ',') return false;
+  size_t trailing = 0;
+  while (trailing < s.size() && s[s.size() - 1 - trailing] == ',') ++trailing;
+  return trailing % 2 == 0;
+}
+
 }  // namespace qcow2kit::cli

@@ -59,6 +59,10 @@ int Fail(const Status& status);
 // A usage error: the message and a pointer to --help. Returns 1.
 int UsageError(const std::string& message, const std::string& command);
 
+// qemu-img's is_valid_option_list for -o: not empty, no leading comma, no dangling trailing
+// comma (",," is an escaped comma).
+bool IsValidOptionList(const std::string& s);
+
 // Writes all of `data` to `f`; false (with errno set) on failure.
 bool WriteAll(std::FILE* f, std::string_view data);
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -71,10 +72,11 @@ class Qcow2Image final : public FormatDriver {
   }
   bool has_backing() const { return parsed_.backing_file.has_value(); }
 
-  // Reads snapshot `id_or_name` (an ID first, then a name, as qemu-img -l) from now on
+  // Reads the snapshot with this ID and/or name (each given one must match) from now on
   // instead of the active layer, at the image's current size (as QEMU's temporary snapshot
   // load). Only for images opened read-only. ENOENT: "Can't find snapshot".
-  Task<Status> LoadSnapshotForReading(const std::string& id_or_name);
+  Task<Status> LoadSnapshotForReading(const std::optional<std::string>& id,
+                                      const std::optional<std::string>& name);
 
   // ---- Check and repair (qcow2_check.cc) ----
   // One run of qemu-img check's algorithm; with `fix` the image must be writable (opened with

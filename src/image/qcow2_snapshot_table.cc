@@ -33,11 +33,8 @@ Task<Status> Qcow2Image::ReadSnapshotBytes(std::span<uint8_t> out, uint64_t offs
   co_return Status::Ok();
 }
 
-Task<Result<Qcow2Image::SnapshotTableRead>> Qcow2Image::ReadSnapshotTable(uint64_t table_offset,
-                                                                         uint32_t count,
-                                                                         bool for_check,
-                                                                         bool repair,
-                                                                         const CheckLog& log) {
+Task<Result<Qcow2Image::SnapshotTableRead>> Qcow2Image::ReadSnapshotTable(
+    uint64_t table_offset, uint32_t count, bool for_check, bool repair, const CheckLog& log) {
   auto say = [&](const std::string& line) {
     if (log) log(line);
   };
@@ -63,8 +60,8 @@ Task<Result<Qcow2Image::SnapshotTableRead>> Qcow2Image::ReadSnapshotTable(uint64
                                "metadata with qcow2kit check -r all",
                                i, hint_prefix));
       }
-      say(fmt::format("Discarding too much extra metadata in snapshot table entry {} ({} > {})",
-                      i, extra, format::kMaxSnapshotExtraData));
+      say(fmt::format("Discarding too much extra metadata in snapshot table entry {} ({} > {})", i,
+                      extra, format::kMaxSnapshotExtraData));
       ++t.extra_data_dropped;
       kept_extra = format::kMaxSnapshotExtraData;
     }
@@ -161,14 +158,16 @@ Task<Status> Qcow2Image::WriteSnapshotTable() {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::LoadSnapshotForReading(const std::string& id_or_name) {
+Task<Status> Qcow2Image::LoadSnapshotForReading(const std::optional<std::string>& id,
+                                                const std::optional<std::string>& name) {
   if (file_->writable()) co_return Status::Invalid("a snapshot can only be read, not written");
+  if (!id && !name) co_return Status::Invalid("no snapshot ID or name given");
   const format::Snapshot* found = nullptr;
   for (const auto& sn : snapshots_) {
-    if (sn.id == id_or_name) found = &sn;
-  }
-  for (size_t i = 0; !found && i < snapshots_.size(); ++i) {
-    if (snapshots_[i].name == id_or_name) found = &snapshots_[i];
+    if ((!id || sn.id == *id) && (!name || sn.name == *name)) {
+      found = &sn;
+      break;
+    }
   }
   if (!found) co_return Status::Error(ENOENT, "Can't find snapshot");
   const uint64_t cs = geometry_.cluster_size();

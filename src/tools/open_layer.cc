@@ -3,6 +3,7 @@
 #include "fmt/format.h"
 #include "format/endian.h"
 #include "format/header.h"
+#include "image/create_options.h"
 #include "image/qcow2_image.h"
 #include "image/raw_image.h"
 
@@ -50,16 +51,23 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenImageChain(const std::string& pa
   co_return std::move(*r);
 }
 
-Task<Status> LoadSnapshotForReading(FormatDriver& top, const std::string& id_or_name) {
+Task<Status> LoadSnapshotForReading(FormatDriver& top, const std::string& spec) {
   auto* qcow2 = dynamic_cast<Qcow2Image*>(&top);
   if (!qcow2) {
-    co_return Status::Unsupported(fmt::format(
-        "Failed to load snapshot: Block format '{}' used by device '' does not support "
-        "internal snapshots",
-        top.format_name()));
+    co_return Status::Unsupported(
+        fmt::format("Failed to load snapshot: Block format '{}' used by device '' does not support "
+                    "internal snapshots",
+                    top.format_name()));
   }
-  // GCC 12: a co_await result is named before it is tested.
-  Status s = co_await qcow2->LoadSnapshotForReading(id_or_name);
+  Status s;
+  if (spec.rfind("snapshot.", 0) == 0) {
+    const OptionList keys = ParseOptionString(spec);
+    s = co_await qcow2->LoadSnapshotForReading(OptionValue(keys, "snapshot.id"),
+                                               OptionValue(keys, "snapshot.name"));
+  } else {
+    s = co_await qcow2->LoadSnapshotForReading(spec, std::nullopt);
+    if (s.code() == ENOENT) s = co_await qcow2->LoadSnapshotForReading(std::nullopt, spec);
+  }
   if (s.ok()) co_return s;
   co_return Status::Error(s.code(), "Failed to load snapshot: " + s.message());
 }

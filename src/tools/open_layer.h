@@ -22,8 +22,9 @@ Task<Result<std::unique_ptr<FormatDriver>>> OpenSingleLayer(const std::string& p
 Task<Result<std::unique_ptr<FormatDriver>>> OpenImageChain(const std::string& path,
                                                            const OpenOptions& options);
 
-// qemu-img's -l: makes `top` read snapshot `id_or_name` instead of its active layer.
-// Errors are "Failed to load snapshot: <reason>".
-Task<Status> LoadSnapshotForReading(FormatDriver& top, const std::string& id_or_name);
+// qemu-img's -l: makes `top` read a snapshot instead of its active layer. `spec` is
+// "snapshot.id=ID,snapshot.name=NAME" (either or both, each must match) or a plain ID or name
+// (IDs first). Errors are "Failed to load snapshot: <reason>".
+Task<Status> LoadSnapshotForReading(FormatDriver& top, const std::string& spec);
 
 }  // namespace qcow2kit::tools
