@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shlex
 import signal
 import struct
@@ -463,6 +464,12 @@ def json_diff(a, b, path="$", out=None, limit=20):
     elif type(a) != type(b) or a != b:  # noqa: E721  (True != 1 for our purposes)
         out.append(f"{path}: {a!r}, expected {b!r}")
     return out
+
+
+def strip_prog(text):
+    """Message lines without the `qemu-img: ` / `qcow2kit: ` prefix (blank lines dropped)."""
+    return [re.sub(r"^(qemu-img|qcow2kit): ", "", line.rstrip())
+            for line in text.splitlines() if line.strip()]
 
 
 def check_json_eq(actual, expected, what):

@@ -22,9 +22,6 @@ q = None
 TMP = None
 
 
-def strip(text):
-    return [re.sub(r"^(qemu-img|qcow2kit): ", "", x) for x in text.splitlines()]
-
 
 def same_as_qemu(args, err_prefix_only=False):
     ours = qk.run("compare", *args)
@@ -34,10 +31,10 @@ def same_as_qemu(args, err_prefix_only=False):
     T.check_eq(ours.out.decode(), theirs.out.decode(), "standard output")
     if err_prefix_only:
         # The reason after the last colon is qemu's strerror; ours names the damage.
-        cut = lambda t: [x.split(": ", 1)[0] for x in strip(t)]
+        cut = lambda t: [x.split(": ", 1)[0] for x in T.strip_prog(t)]
         T.check_eq(cut(ours.err), cut(theirs.err), "error message (reason aside)")
     else:
-        T.check_eq(strip(ours.err), strip(theirs.err), "error message")
+        T.check_eq(T.strip_prog(ours.err), T.strip_prog(theirs.err), "error message")
     return ours
 
 

@@ -252,8 +252,7 @@ def feature_cases(R):
             ours = qk.run("convert", "-O", "qcow2", *args, src, out)
             theirs = T.run(["qemu-img", "convert", "-O", "qcow2", *args, src, out])
             T.expect_clean_error(ours)
-            strip = lambda t: [re.sub(r"^(qemu-img|qcow2kit): ", "", x) for x in t.splitlines()]
-            T.check_eq(strip(ours.err), strip(theirs.err), f"message for {args}")
+            T.check_eq(T.strip_prog(ours.err), T.strip_prog(theirs.err), f"message for {args}")
             if os.path.exists(out):
                 os.unlink(out)
     R.defer("snapshot-l", snapshot)
@@ -334,9 +333,8 @@ def error_cases(R):
             ours = qk.run("convert", *args, src, out)
             theirs = T.run(["qemu-img", "convert", *args, src, out])
             T.expect_clean_error(ours, what=" ".join(args))
-            strip = lambda t: [re.sub(r"^(qemu-img|qcow2kit): ", "", x) for x in t.splitlines()]
             if args != ["-O", "qcow2", "-o", "cluster_size=3k"] and args != ["-n"]:
-                T.check_eq(strip(ours.err), strip(theirs.err), f"message for {' '.join(args)}")
+                T.check_eq(T.strip_prog(ours.err), T.strip_prog(theirs.err), f"message for {' '.join(args)}")
             T.check(not os.path.exists(out) or args == ["-O", "qcow2", "-o",
                                                           "cluster_size=3k"] and False,
                     f"{' '.join(args)} left {out} behind")

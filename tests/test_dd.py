@@ -19,9 +19,6 @@ q = None
 TMP = None
 
 
-def strip(text):
-    return [re.sub(r"^(qemu-img|qcow2kit): ", "", x) for x in text.splitlines()]
-
 
 def cases(R):
     def copies():
@@ -46,7 +43,7 @@ def cases(R):
                     what = " ".join(args)
                     T.check(not r1.crashed, r1.describe())
                     T.check_eq(r1.rc, r2.rc, f"exit status of dd {what}")
-                    T.check_eq(strip(r1.err), strip(r2.err), f"messages of dd {what}")
+                    T.check_eq(T.strip_prog(r1.err), T.strip_prog(r2.err), f"messages of dd {what}")
                     T.check_eq(q.info(ours)["virtual-size"], q.info(theirs)["virtual-size"],
                                f"output size of dd {what}")
                     res = q.img("compare", "-f", out_fmt, "-F", out_fmt, ours, theirs, ok=False)
@@ -82,7 +79,7 @@ def cases(R):
             r1 = qk.run("dd", *full)
             r2 = T.run(["qemu-img", "dd", *full])
             T.check_eq(r1.rc, r2.rc, f"exit status of dd {' '.join(full)}")
-            T.check_eq(strip(r1.err), strip(r2.err), f"messages of dd {' '.join(full)}")
+            T.check_eq(T.strip_prog(r1.err), T.strip_prog(r2.err), f"messages of dd {' '.join(full)}")
             if os.path.exists(out):
                 os.unlink(out)
     R.defer("errors", errors)

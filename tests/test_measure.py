@@ -21,9 +21,6 @@ q = None
 TMP = None
 
 
-def strip(text):
-    return [re.sub(r"^(qemu-img|qcow2kit): ", "", x) for x in text.splitlines()]
-
 
 def same(args):
     ours = qk.run("measure", *args)
@@ -32,7 +29,7 @@ def same(args):
     what = "measure " + " ".join(args)
     T.check_eq(ours.rc, theirs.rc, f"exit status of {what}")
     T.check_eq(ours.out.decode(), theirs.out.decode(), f"output of {what}")
-    T.check_eq(strip(ours.err), strip(theirs.err), f"messages of {what}")
+    T.check_eq(T.strip_prog(ours.err), T.strip_prog(theirs.err), f"messages of {what}")
 
 
 def cases(R):

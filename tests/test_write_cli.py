@@ -116,16 +116,10 @@ def actual_size(path):
     return q.info(path)["actual-size"]
 
 
-def strip_prog(text):
-    """Message lines without the `qemu-img: ` / `qcow2kit: ` prefix."""
-    return [re.sub(r"^(qemu-img|qcow2kit): ", "", line.rstrip())
-            for line in text.splitlines() if line.strip()]
-
-
 def messages_like_qemu(res, want):
     T.expect_clean_error(res)
     T.check_eq(res.rc, want.rc, "exit status")
-    T.check_eq(strip_prog(res.err), strip_prog(want.err), "error message (prefix aside)")
+    T.check_eq(T.strip_prog(res.err), T.strip_prog(want.err), "error message (prefix aside)")
 
 
 def random_file(path, n, seed):

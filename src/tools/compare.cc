@@ -5,6 +5,7 @@
 
 #include "fmt/format.h"
 #include "qcow2kit/buffer.h"
+#include "tools/first_unreadable.h"
 
 namespace qcow2kit::tools {
 namespace {
@@ -54,6 +55,13 @@ bool SameStatus(const BlockStatusExtent& x, uint64_t size_x, const BlockStatusEx
          (x.offset != Extent::kNoHost) == (y.offset != Extent::kNoHost);
 }
 
+// exit 3: the block status of `name` could not be read.
+CompareOutcome& StatusFailed(CompareOutcome& r, const std::string& name) {
+  r.exit_code = 3;
+  r.err = "Sector allocation test failed for " + name + "\n";
+  return r;
+}
+
 // First non-zero byte of buf, or -1.
 int64_t FirstNonZero(std::span<const std::byte> buf) {
   for (size_t at = 0; at < buf.size(); at += 4096) {
@@ -75,21 +83,9 @@ struct Reader {
                   AlignedBuffer& buf) {
     Status s = co_await dev.Read(offset, buf.span().first(n));
     if (s.ok()) co_return true;
-    // Name the first cluster that fails, as qemu-img (whose block status runs stop at each
-    // compressed cluster) does.
-    const uint64_t piece = std::max<uint64_t>(kSector, dev.top().cluster_size());
-    for (uint64_t at = offset; at < offset + n;) {
-      const uint64_t len = std::min(piece - at % piece, offset + n - at);
-      Status one = co_await dev.Read(at, buf.span().subspan(at - offset, len));
-      if (!one.ok()) {
-        s = std::move(one);
-        offset = at;
-        break;
-      }
-      at += len;
-    }
+    auto [at, why] = co_await FirstUnreadable(dev, offset, buf.span().first(n), std::move(s));
     r->exit_code = 4;
-    r->err = fmt::format("Error while reading offset {} of {}: {}\n", offset, name, s.message());
+    r->err = fmt::format("Error while reading offset {} of {}: {}\n", at, name, why.message());
     co_return false;
   }
 
@@ -135,15 +131,11 @@ Task<CompareOutcome> CompareImages(BlockDevice& a, const std::string& name_a, Bl
   while (offset < common) {
     auto sa = co_await cursor_a.At(offset);
     if (!sa.ok()) {
-      r.exit_code = 3;
-      r.err = "Sector allocation test failed for " + name_a + "\n";
-      co_return r;
+      co_return StatusFailed(r, name_a);
     }
     auto sb = co_await cursor_b.At(offset);
     if (!sb.ok()) {
-      r.exit_code = 3;
-      r.err = "Sector allocation test failed for " + name_b + "\n";
-      co_return r;
+      co_return StatusFailed(r, name_b);
     }
     uint64_t chunk = std::min({sa->length, sb->length, common - offset});
     if (strict && !SameStatus(*sa, size_a, *sb, size_b)) {
@@ -187,9 +179,7 @@ Task<CompareOutcome> CompareImages(BlockDevice& a, const std::string& name_a, Bl
     while (offset < longest) {
       auto st = co_await cursor.At(offset);
       if (!st.ok()) {
-        r.exit_code = 3;
-        r.err = "Sector allocation test failed for " + name + "\n";
-        co_return r;
+        co_return StatusFailed(r, name);
       }
       uint64_t chunk = std::min(st->length, longest - offset);
       if (st->present && !st->zero) {

@@ -19,6 +19,7 @@
 #include "qcow2kit/async_mutex.h"
 #include "qcow2kit/buffer.h"
 #include "qcow2kit/reactor.h"
+#include "tools/first_unreadable.h"
 
 namespace qcow2kit::tools {
 namespace {
@@ -284,20 +285,9 @@ class Converter {
     Status s = co_await src.Read(offset, out);
     if (s.ok()) co_return s;
     if (!o_.salvage) {
-      // Name the first unreadable piece, not the start of the chunk.
-      uint64_t at = 0;
-      const uint64_t piece = std::max<uint64_t>(kSector, src.top().cluster_size());
-      for (; at < out.size(); at += std::min(piece - (offset + at) % piece, out.size() - at)) {
-        const uint64_t n = std::min(piece - (offset + at) % piece, out.size() - at);
-        Status one = co_await src.Read(offset + at, out.subspan(at, n));
-        if (!one.ok()) {
-          s = std::move(one);
-          break;
-        }
-      }
-      if (at == out.size()) at = 0;  // it read this time: name the chunk
-      co_return Status::Error(
-          s.code(), fmt::format("error while reading at byte {}: {}", offset + at, s.message()));
+      auto [at, why] = co_await FirstUnreadable(src, offset, out, std::move(s));
+      co_return Status::Error(why.code(),
+                              fmt::format("error while reading at byte {}: {}", at, why.message()));
     }
     // Sector by sector: what still fails reads as zeros.
     for (uint64_t at = 0; at < out.size(); at += kSector) {
